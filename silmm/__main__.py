@@ -1,0 +1,3 @@
+from silmm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""The one interface every stage uses to talk to a model. A new model family is one new subclass.
+
+Contract (tests in tests/test_backend_*.py hold every backend to it):
+- Reproducibility: a sample depends only on its seed, its prompt and the model, for a fixed batch size
+  and device. Backends use one ``torch.Generator`` per sample, never the global RNG.
+- Shapes: discrete samples are int64 token ids [B, T]; continuous samples are float32 features [B, L, D];
+  images are uint8 numpy arrays [B, H, W, 3].
+- Reference: inside ``with backend.reference():`` the model computes exactly what it computed before any
+  LoRA adapter was added (the adapter is disabled, not removed).
+- Saving: ``merge_and_save(dir)`` writes a checkpoint in the same layout as the one loaded, so the next
+  iteration loads it with the same code, as both policy and reference.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from silmm.config import Device, Dtype, LoraConfig, ModelConfig, SamplingConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing or malformed; the message names the path and what is missing."""
+
+
+def resolve_device(model: ModelConfig) -> tuple[torch.device, torch.dtype]:
+    """auto -> CUDA with bf16 when present, else CPU with fp32."""
+    cuda = torch.cuda.is_available()
+    if model.device is Device.cuda and not cuda:
+        raise RuntimeError("model.device=cuda but no CUDA device is available")
+    device = torch.device("cuda" if (model.device is Device.cuda or (model.device is Device.auto and cuda)) else "cpu")
+    if model.dtype is Dtype.auto:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, model.dtype.value)
+    return device, dtype
+
+
+class LMMBackend(ABC):
+    """An LMM that writes text, samples visual outputs, decodes them, and answers yes/no questions."""
+
+    family: str  # "discrete" | "continuous"
+
+    def __init__(self, model_cfg: ModelConfig, sampling: SamplingConfig):
+        self.model_cfg = model_cfg
+        self.sampling = sampling
+        self.device, self.dtype = resolve_device(model_cfg)
+
+    # --- Steps 1 and 3 -------------------------------------------------------------------------
+    @abstractmethod
+    def write_text(self, prompts: list[str], seeds: list[int], max_new_tokens: int,
+                   temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+        """Continue each text prompt (chat-formatted by the backend); temperature 0 means greedy."""
+
+    # --- Step 2 --------------------------------------------------------------------------------
+    @abstractmethod
+    def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """One visual sample per (prompt, seed): tokens [B, T] int64 or features [B, L, D] float32 (CPU)."""
+
+    @abstractmethod
+    def decode(self, samples: torch.Tensor, seeds: list[int]) -> np.ndarray:
+        """Samples -> images, uint8 [B, H, W, 3]. Seeds drive any decoder noise (diffusion)."""
+
+    # --- Step 4 --------------------------------------------------------------------------------
+    @abstractmethod
+    def yes_no(self, images: np.ndarray, questions: list[list[str]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For image i and its questions: (p_yes [Q_i], p_no [Q_i]) float32, from one prefill per batch
+        reading the last position (never ``generate``), probabilities summed over "yes"/"no" variants."""
+
+    # --- Step 5 (training) ---------------------------------------------------------------------
+    def sequence_logprobs(self, prompts: list[str], tokens: torch.Tensor) -> torch.Tensor:
+        """Discrete only: sum of log pi(z_t | x, z_<t) over image positions, [B] (differentiable)."""
+        raise TypeError(f"{type(self).__name__} is not a discrete backend")
+
+    def features(self, prompts: list[str]) -> torch.Tensor:
+        """Continuous only: deterministic features H [B, L, D] (DropDiv off; differentiable)."""
+        raise TypeError(f"{type(self).__name__} is not a continuous backend")
+
+    @abstractmethod
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """Inside: the model as loaded (LoRA adapter disabled)."""
+
+    @abstractmethod
+    def add_lora(self, lora: LoraConfig) -> None:
+        """Wrap the language model's targeted linear layers with a trainable LoRA adapter."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates: LoRA weights (+ dream queries and projector for continuous)."""
+
+    @abstractmethod
+    def save_adapter(self, out_dir: str | Path) -> None:
+        """Trainable weights only (safetensors), for inspection and resuming."""
+
+    @abstractmethod
+    def merge_and_save(self, out_dir: str | Path) -> None:
+        """Merge the adapter into the weights and write a full checkpoint in the input's layout."""

@@ -1,0 +1,546 @@
+"""Structured configuration: dataclasses checked by omegaconf, loaded from YAML plus dotlist overrides.
+
+Family-dependent defaults (samples per prompt, pair k, loss, learning rate, warm-up, steps) are ``None``
+in the schema and filled by :func:`resolve` from the backend, so a frozen run config always holds the
+concrete values that were used. Every error is a :class:`ConfigError` that names the file (or the
+command-line override) and the key at fault; the CLI turns it into exit status 2 before anything is
+written or submitted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased for the user (file, key, what is wrong)."""
+
+
+# --------------------------------------------------------------------------------------------- enums
+class Backend(str, Enum):
+    janus = "janus"  # discrete visual tokens (Janus / Janus-Pro)
+    dream = "dream"  # continuous features, DreamLLM-style (LLaVA + dream queries + diffusion decoder)
+
+
+DISCRETE_BACKENDS = {Backend.janus}
+
+
+class Dtype(str, Enum):
+    auto = "auto"  # bf16 on CUDA, fp32 on CPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Device(str, Enum):
+    auto = "auto"  # CUDA when present, else CPU
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class PromptSource(str, Enum):
+    generate = "generate"  # the LMM writes vocabulary + templates + in-context prompts
+    files = "files"  # one prompt per line, or a folder of T2I-CompBench-style category files
+
+
+class OverlongPolicy(str, Enum):
+    truncate = "truncate"
+    reject = "reject"
+
+
+class Diversity(str, Enum):
+    dropdiv = "dropdiv"  # dropout after the MLPs of chosen layers, active while sampling
+    noisy_queries = "noisy_queries"  # Gaussian noise on the dream queries (paper's ablation)
+
+
+class DropDivPlacement(str, Enum):
+    last = "last"  # the last `dropdiv_layers` layers (the paper's choice)
+    first_half = "first_half"
+    second_half = "second_half"
+    all = "all"
+
+
+class ImageStorage(str, Enum):
+    all = "all"
+    none = "none"
+    best_worst = "best_worst"
+
+
+class QuestionMethod(str, Enum):
+    self = "self"  # the LMM decomposes the prompt (the paper's method)
+    prompt_q = "prompt_q"  # the prompt itself as one question
+    phrase_q = "phrase_q"  # one question per noun phrase
+
+
+class FeedbackMethod(str, Enum):
+    vqa = "vqa"  # mean over questions of p(yes) - p(no)  (paper Eq. 1)
+    ratio_yes = "ratio_yes"  # fraction of questions answered "yes"
+    random = "random"  # random score (ablation control)
+
+
+class Loss(str, Enum):
+    dpo = "dpo"
+    ipo = "ipo"
+    kcdpo = "kcdpo"
+    sft = "sft"
+
+
+DISCRETE_LOSSES = {Loss.dpo, Loss.ipo, Loss.sft}
+CONTINUOUS_LOSSES = {Loss.kcdpo, Loss.sft}
+
+
+class KernelAggregation(str, Enum):
+    none = "none"
+    avgpool = "avgpool"
+    maxpool = "maxpool"
+
+
+class KernelDistance(str, Enum):
+    euclidean = "euclidean"  # squared Frobenius distance
+    cosine = "cosine"
+
+
+class LogprobMode(str, Enum):
+    conditional = "conditional"  # log pi(z | x) of the text-conditioned branch
+    cfg = "cfg"  # log-probs of the classifier-free-guidance mixed logits used when sampling
+
+
+class ExecutorKind(str, Enum):
+    local = "local"  # submitit's local executor (the embedded default)
+    debug = "debug"  # in-process, for stepping through with a debugger
+    slurm = "slurm"
+
+
+class Compression(str, Enum):
+    gzip = "gzip"
+    lzf = "lzf"
+    none = "none"
+
+
+# ------------------------------------------------------------------------------------------- groups
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    root: str = "shards"  # runs live in <root>/<name>
+    seed: int = 0
+    iterations: int = 1
+
+
+@dataclass
+class ModelConfig:
+    backend: Backend = Backend.janus
+    path: str = ""  # a local checkpoint directory (real weights or `silmm make-tiny`)
+    build_tiny_if_missing: bool = False  # tiny configs: create the checkpoint when `path` is absent
+    dtype: Dtype = Dtype.auto
+    device: Device = Device.auto
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PromptsConfig:
+    source: PromptSource = PromptSource.generate
+    files: str | None = None  # a .txt file or a folder of category files, for source=files
+    count: int = 16000  # prompts per iteration (paper: 16k); for files: the first `count` kept
+    # share of each category among generated prompts (normalised)
+    categories: dict[str, float] = field(
+        default_factory=lambda: {
+            "color": 1.0, "shape": 1.0, "texture": 1.0, "spatial": 1.0, "3d_spatial": 1.0,
+            "numeracy": 1.0, "non_spatial": 1.0, "complex": 1.0,
+        }
+    )
+    max_tokens: int = 77
+    overlong: OverlongPolicy = OverlongPolicy.truncate
+    icl_examples: str | None = None  # YAML file of in-context examples per category (None: built-in)
+    vocabulary_temperature: float = 1.0
+    batch_size: int = 8
+
+
+@dataclass
+class SamplingConfig:
+    samples_per_prompt: int | None = None  # None: 10 discrete / 30 continuous (paper)
+    batch_size: int = 8  # samples per forward; results are reproducible for a fixed batch size
+    # discrete
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = off
+    guidance_scale: float = 5.0  # classifier-free guidance; Janus needs > 1
+    # continuous
+    diversity: Diversity = Diversity.dropdiv
+    dropdiv_rate: float = 0.1
+    dropdiv_placement: DropDivPlacement = DropDivPlacement.last
+    dropdiv_layers: int = 4  # for placement=last
+    query_noise_std: float = 0.1  # for diversity=noisy_queries
+    decoder_steps: int = 25
+    decoder_guidance_scale: float = 3.0
+    # storage of decoded images in sample shards
+    store_images: ImageStorage = ImageStorage.all
+
+
+@dataclass
+class QuestionsConfig:
+    method: QuestionMethod = QuestionMethod.self
+    max_questions: int = 8
+    max_new_tokens: int = 96
+    temperature: float = 0.0  # 0 = greedy
+    icl_examples: str | None = None  # YAML file of (prompt, questions) examples (None: built-in)
+    batch_size: int = 8
+
+
+@dataclass
+class FeedbackConfig:
+    method: FeedbackMethod = FeedbackMethod.vqa
+    batch_size: int = 16  # (image, question) pairs per forward
+
+
+@dataclass
+class PairsConfig:
+    top_k: int | None = None  # chosen: the best k samples; None: 1 discrete / 10 continuous
+    bottom_k: int | None = None  # rejected: the worst k; None: same as top_k
+    rejected_ranks: list[int] | None = None  # [first, last] 1-based ranks (paper Table 7), e.g. [20, 30]
+    min_score_gap: float = 0.0
+
+
+@dataclass
+class LoraConfig:
+    r: int = 32
+    alpha: int = 32
+    dropout: float = 0.05
+    # the language model only: vision tower, VQ model and decoder stay frozen
+    target_regex: str = (
+        r".*(language_model|text_model)\.layers\.\d+\."
+        r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+    )
+
+
+@dataclass
+class TrainConfig:
+    loss: Loss | None = None  # None: dpo discrete / kcdpo continuous
+    beta: float = 0.2  # DPO
+    gamma: float = 3.0  # KC-DPO
+    label_smoothing: float = 0.0  # robust DPO
+    kernel_aggregation: KernelAggregation = KernelAggregation.avgpool
+    kernel_distance: KernelDistance = KernelDistance.cosine
+    logprob_mode: LogprobMode = LogprobMode.conditional
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    lr: float | None = None  # None: 5e-5 discrete / 8e-6 continuous
+    warmup_steps: int | None = None  # None: 100 / 200
+    max_steps: int | None = None  # None: 1000 / 2000
+    batch_size: int = 32
+    grad_accum: int = 4
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    zero_stage: int = 2
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+
+@dataclass
+class StageResources:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float = 4.0
+    time_min: int = 60
+    nodes: int = 1
+    tasks_per_node: int = 1
+    array_parallelism: int = 64
+    constraint: str | None = None
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)  # e.g. "module load cuda", "source env/bin/activate"
+
+
+STAGES = ("prompts", "questions", "samples", "scores", "pairs", "train")
+
+
+@dataclass
+class ExecutorConfig:
+    kind: ExecutorKind = ExecutorKind.local
+    max_array_size: int = 1000
+    retries: int = 2
+    signal_delay_s: int = 120  # --signal=USR2@delay: time to checkpoint before the limit
+    poll_interval_s: float = 5.0
+    default: StageResources = field(default_factory=StageResources)
+    # per-stage overrides of `default`: only the keys given (checked against StageResources)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class ShardingConfig:
+    prompts_per_shard: int = 64
+    flush_every: int = 4  # prompts between progress flushes inside a shard task
+
+
+@dataclass
+class StoreConfig:
+    compression: Compression = Compression.gzip
+    compression_level: int = 1
+    file_locking: bool = True  # False for NFS/Lustre mounts that refuse HDF5 locks
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "INFO"
+    progress: bool = True
+
+
+@dataclass
+class SilmmConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    questions: QuestionsConfig = field(default_factory=QuestionsConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def discrete(self) -> bool:
+        return self.model.backend in DISCRETE_BACKENDS
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.prompts.count / self.sharding.prompts_per_shard)
+
+    def resources(self, stage: str) -> StageResources:
+        """The resources of one stage: `executor.default` with that stage's overrides on top."""
+        merged = OmegaConf.merge(OmegaConf.structured(self.executor.default), self.executor.stages.get(stage, {}))
+        return OmegaConf.to_object(merged)
+
+
+# Keys whose values cannot change what a run computes: they may differ when a run is re-opened
+# and are left out of the config hash.
+MUTABLE_PREFIXES = ("executor", "logging", "store.file_locking", "run.root")
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _wrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    # omegaconf's message repeats the key and a "full_key:" block; keep the first line only
+    msg = str(exc).split("\n")[0].strip()
+    return ConfigError(f"{source}: key '{key}': {msg}")
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SilmmConfig:
+    """Schema <- YAML file <- dotlist overrides, then :func:`resolve` and :func:`validate`."""
+    cfg = OmegaConf.structured(SilmmConfig)
+    origins: dict[str, str] = {}  # key -> where its value came from, for error messages
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # yaml syntax errors come in several types
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: the top level must be a mapping of config groups")
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as exc:
+            raise _wrap(exc, str(path)) from exc
+        origins.update(dict.fromkeys(flatten(OmegaConf.to_container(loaded)), str(path)))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command-line override '{item}': expected key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _wrap(exc, f"command-line override '{item}'") from exc
+        origins[item.split("=", 1)[0].strip()] = f"command-line override '{item}'"
+    source = str(path) if path is not None else "defaults"
+    try:
+        obj: SilmmConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:  # a mandatory value left missing, a bad interpolation
+        raise _wrap(exc, source) from exc
+    obj = resolve(obj)
+    validate(obj, source, origins=origins)
+    return obj
+
+
+def from_yaml_text(text: str, source: str) -> SilmmConfig:
+    """Load a frozen config (a run's config.yaml) without resolving or checking paths again."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(SilmmConfig), OmegaConf.create(text))
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise _wrap(exc, source) from exc
+
+
+def resolve(cfg: SilmmConfig) -> SilmmConfig:
+    """Fill the family-dependent defaults from the paper (SILMM, App. 9)."""
+    discrete = cfg.discrete
+    s, p, t = cfg.sampling, cfg.pairs, cfg.train
+    if s.samples_per_prompt is None:
+        s.samples_per_prompt = 10 if discrete else 30
+    if p.top_k is None:
+        p.top_k = 1 if discrete else 10
+    if p.bottom_k is None:
+        p.bottom_k = p.top_k
+    if t.loss is None:
+        t.loss = Loss.dpo if discrete else Loss.kcdpo
+    if t.lr is None:
+        t.lr = 5e-5 if discrete else 8e-6
+    if t.warmup_steps is None:
+        t.warmup_steps = 100 if discrete else 200
+    if t.max_steps is None:
+        t.max_steps = 1000 if discrete else 2000
+    return cfg
+
+
+def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
+             origins: dict[str, str] | None = None) -> None:
+    """Checks that omegaconf's types cannot express. Raises ConfigError naming the key and its source."""
+    origins = origins or {}
+
+    def fail(key: str, msg: str) -> None:
+        where = origins.get(key) or next((v for k, v in origins.items() if k.startswith(key + ".")), source)
+        raise ConfigError(f"{where}: key '{key}': {msg}")
+
+    def positive(key: str, value: float) -> None:
+        if value <= 0:
+            fail(key, f"must be > 0, got {value}")
+
+    positive("run.iterations", cfg.run.iterations)
+    if not cfg.run.name or "/" in cfg.run.name:
+        fail("run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
+    if not cfg.model.path:
+        fail("model.path", "is required: a checkpoint directory (make one with `silmm make-tiny`)")
+    if check_paths and not cfg.model.build_tiny_if_missing and not Path(cfg.model.path).is_dir():
+        fail("model.path", f"checkpoint directory {cfg.model.path} does not exist")
+    p = cfg.prompts
+    positive("prompts.count", p.count)
+    positive("prompts.max_tokens", p.max_tokens)
+    positive("prompts.batch_size", p.batch_size)
+    if p.source is PromptSource.files:
+        if not p.files:
+            fail("prompts.files", "is required when prompts.source=files")
+        if check_paths and not Path(p.files).exists():
+            fail("prompts.files", f"{p.files} does not exist")
+    if not p.categories or any(w < 0 for w in p.categories.values()) or sum(p.categories.values()) <= 0:
+        fail("prompts.categories", "needs at least one category with a positive weight, none negative")
+
+    s = cfg.sampling
+    if s.samples_per_prompt < 2:
+        fail("sampling.samples_per_prompt", f"needs at least 2 samples to form a pair, got {s.samples_per_prompt}")
+    positive("sampling.batch_size", s.batch_size)
+    positive("sampling.temperature", s.temperature)
+    if not 0 < s.top_p <= 1:
+        fail("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    if s.top_k < 0:
+        fail("sampling.top_k", f"must be >= 0 (0 = off), got {s.top_k}")
+    if cfg.discrete and s.guidance_scale <= 1.0:
+        fail("sampling.guidance_scale", f"Janus image generation needs > 1, got {s.guidance_scale}")
+    if not 0 <= s.dropdiv_rate < 1:
+        fail("sampling.dropdiv_rate", f"must be in [0, 1), got {s.dropdiv_rate}")
+    positive("sampling.dropdiv_layers", s.dropdiv_layers)
+    positive("sampling.decoder_steps", s.decoder_steps)
+    if s.query_noise_std < 0:
+        fail("sampling.query_noise_std", f"must be >= 0, got {s.query_noise_std}")
+
+    positive("questions.max_questions", cfg.questions.max_questions)
+    positive("questions.max_new_tokens", cfg.questions.max_new_tokens)
+    positive("feedback.batch_size", cfg.feedback.batch_size)
+
+    pr = cfg.pairs
+    positive("pairs.top_k", pr.top_k)
+    positive("pairs.bottom_k", pr.bottom_k)
+    if pr.rejected_ranks is not None:
+        r = pr.rejected_ranks
+        if len(r) != 2 or not 1 <= r[0] <= r[1] <= s.samples_per_prompt:
+            fail("pairs.rejected_ranks", f"must be [first, last] with 1 <= first <= last <= "
+                 f"sampling.samples_per_prompt ({s.samples_per_prompt}), got {list(r)}")
+    if pr.min_score_gap < 0:
+        fail("pairs.min_score_gap", f"must be >= 0, got {pr.min_score_gap}")
+
+    t = cfg.train
+    allowed = DISCRETE_LOSSES if cfg.discrete else CONTINUOUS_LOSSES
+    if t.loss not in allowed:
+        family = "discrete" if cfg.discrete else "continuous"
+        fail("train.loss", f"'{t.loss.value}' does not fit the {family} backend "
+             f"'{cfg.model.backend.value}'; use one of {sorted(x.value for x in allowed)}")
+    positive("train.lr", t.lr)
+    positive("train.max_steps", t.max_steps)
+    positive("train.batch_size", t.batch_size)
+    positive("train.grad_accum", t.grad_accum)
+    positive("train.beta", t.beta)
+    positive("train.gamma", t.gamma)
+    positive("train.lora.r", t.lora.r)
+    positive("train.lora.alpha", t.lora.alpha)
+    if t.warmup_steps < 0 or t.warmup_steps > t.max_steps:
+        fail("train.warmup_steps", f"must be in [0, train.max_steps={t.max_steps}], got {t.warmup_steps}")
+    if not 0 <= t.label_smoothing < 0.5:
+        fail("train.label_smoothing", f"must be in [0, 0.5), got {t.label_smoothing}")
+    if t.zero_stage not in (0, 1, 2, 3):
+        fail("train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
+
+    e = cfg.executor
+    positive("executor.max_array_size", e.max_array_size)
+    if e.retries < 0:
+        fail("executor.retries", f"must be >= 0, got {e.retries}")
+    for stage, override in e.stages.items():
+        if stage not in STAGES:
+            fail(f"executor.stages.{stage}", f"unknown stage; stages are {list(STAGES)}")
+        try:
+            OmegaConf.merge(OmegaConf.structured(StageResources), override or {})
+        except OmegaConfBaseException as exc:
+            fail(f"executor.stages.{stage}.{getattr(exc, 'full_key', '?')}", str(exc).split("\n")[0])
+    positive("sharding.prompts_per_shard", cfg.sharding.prompts_per_shard)
+    positive("sharding.flush_every", cfg.sharding.flush_every)
+    if cfg.store.compression is Compression.gzip and not 0 <= cfg.store.compression_level <= 9:
+        fail("store.compression_level", f"gzip levels are 0-9, got {cfg.store.compression_level}")
+
+
+# ----------------------------------------------------------------------------- serialising, hashing
+def to_yaml(cfg: SilmmConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_container(cfg: SilmmConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def is_mutable_key(key: str) -> bool:
+    return any(key == m or key.startswith(m + ".") for m in MUTABLE_PREFIXES)
+
+
+def result_keys(cfg: SilmmConfig) -> dict[str, Any]:
+    """The flattened keys that can change what a run computes."""
+    return {k: v for k, v in flatten(to_container(cfg)).items() if not is_mutable_key(k)}
+
+
+def config_hash(cfg: SilmmConfig) -> str:
+    """sha256 (first 16 hex digits) of the result-affecting keys: recorded in every shard."""
+    canonical = json.dumps(result_keys(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def differing_keys(a: SilmmConfig, b: SilmmConfig) -> dict[str, tuple[Any, Any]]:
+    fa, fb = flatten(to_container(a)), flatten(to_container(b))
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}

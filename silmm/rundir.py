@@ -1,0 +1,122 @@
+"""A run directory: the frozen config, its hash, and where every stage's output lives.
+
+    <root>/<name>/config.yaml               resolved config, frozen at creation
+    <root>/<name>/state.json                config hash, creation time, what the driver finished
+    <root>/<name>/iter_01/<stage>/shard_00000.h5
+    <root>/<name>/iter_01/pairs.h5
+    <root>/<name>/iter_01/train/  iter_01/model/
+    <root>/<name>/logs/
+
+Re-opening a run with a config that differs in a key that can change results is refused, with the
+differing keys listed; keys that cannot (executor resources, logging, file locking) may change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from silmm import __version__
+from silmm import config as C
+from silmm.fsutil import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SHARD_STAGES = ("prompts", "questions", "samples", "scores")  # sharded stages, in driver order
+
+
+@dataclass
+class RunDir:
+    path: Path
+    config: C.SilmmConfig
+    config_hash: str
+
+    # ---------------------------------------------------------------------------- opening
+    @classmethod
+    def location(cls, cfg: C.SilmmConfig) -> Path:
+        return Path(cfg.run.root) / cfg.run.name
+
+    @classmethod
+    def create_or_open(cls, cfg: C.SilmmConfig) -> RunDir:
+        path = cls.location(cfg)
+        if (path / "config.yaml").is_file():
+            run = cls.open(path)
+            run._accept(cfg)
+            return run
+        path.mkdir(parents=True, exist_ok=True)
+        digest = C.config_hash(cfg)
+        atomic_write_text(path / "config.yaml", C.to_yaml(cfg))
+        state = {"config_hash": digest, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "silmm_version": __version__, "done": {}}
+        atomic_write_text(path / "state.json", json.dumps(state, indent=2) + "\n")
+        log.info("created run %s (config %s)", path, digest)
+        return cls(path, cfg, digest)
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        path = Path(path)
+        cfg_file = path / "config.yaml"
+        if not cfg_file.is_file():
+            raise C.ConfigError(f"{path}: not a run directory (no config.yaml)")
+        cfg = C.from_yaml_text(cfg_file.read_text(encoding="utf-8"), str(cfg_file))
+        digest = C.config_hash(cfg)
+        recorded = json.loads((path / "state.json").read_text()).get("config_hash")
+        if recorded != digest:
+            raise C.ConfigError(f"{cfg_file}: edited by hand? its hash {digest} differs from the one recorded "
+                                f"at creation ({recorded}) in {path / 'state.json'}")
+        return cls(path, cfg, digest)
+
+    def _accept(self, new: C.SilmmConfig) -> None:
+        diffs = C.differing_keys(self.config, new)
+        fixed = {k: v for k, v in diffs.items() if not C.is_mutable_key(k)}
+        if fixed:
+            lines = "\n".join(f"  {k}: {old!r} (run) -> {val!r} (given)" for k, (old, val) in fixed.items())
+            raise C.ConfigError(
+                f"{self.path / 'config.yaml'}: the run exists with a different config; these keys would "
+                f"change its results:\n{lines}\nUse another run.name, or the run's own config.")
+        if diffs:
+            log.info("run %s: updating keys that do not change results: %s", self.path, ", ".join(diffs))
+            atomic_write_text(self.path / "config.yaml", C.to_yaml(new))
+            self.config = new
+
+    # ---------------------------------------------------------------------------- layout
+    def iter_dir(self, iteration: int) -> Path:
+        return self.path / f"iter_{iteration:02d}"
+
+    def stage_dir(self, iteration: int, stage: str) -> Path:
+        return self.iter_dir(iteration) / stage
+
+    def shard_path(self, iteration: int, stage: str, index: int) -> Path:
+        return self.stage_dir(iteration, stage) / f"shard_{index:05d}.h5"
+
+    def pairs_path(self, iteration: int) -> Path:
+        return self.iter_dir(iteration) / "pairs.h5"
+
+    def train_dir(self, iteration: int) -> Path:
+        return self.iter_dir(iteration) / "train"
+
+    def model_dir(self, iteration: int) -> Path:
+        return self.iter_dir(iteration) / "model"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.path / "logs"
+
+    def iterations_on_disk(self) -> list[int]:
+        out = []
+        for p in self.path.glob("iter_*"):
+            suffix = p.name.removeprefix("iter_")
+            if p.is_dir() and suffix.isdigit():
+                out.append(int(suffix))
+        return sorted(out)
+
+    # ---------------------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        return json.loads((self.path / "state.json").read_text())
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "state.json", json.dumps(state, indent=2) + "\n")

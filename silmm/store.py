@@ -1,0 +1,614 @@
+"""The HDF5 shard store: the one home of every stage's schema, and of atomic writing and validation.
+
+Schema (documented for humans in shards/README.md; tests check the two agree):
+every dataset of a shard is a *row table*: its first axis counts rows of one named kind (prompts,
+samples, questions, pairs, ...). Variable-length lists are flattened, with a ``*_count`` dataset on the
+parent row saying how many child rows each parent owns. A shard is therefore a concatenation of
+per-prompt records, which is what lets a task flush progress and resume exactly.
+
+Contracts:
+- A shard is complete iff its final file exists and validates. It is written to a temporary name in
+  the same directory, flushed, fsync'ed and renamed with ``os.replace``.
+- Every shard records schema version, stage, iteration, shard index and count, config hash, creation
+  time, package version and a CRC32 per dataset; readers check all of it (checksums on full verify).
+- A task resumes from a progress directory ``<shard>.progress/`` of atomically written part files;
+  the final shard is the concatenation of the parts, so it holds exactly what an uninterrupted task
+  writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from silmm import __version__
+
+SCHEMA_VERSION = 1
+
+# kinds of datasets: numpy dtypes, plus two variable-length kinds
+STR = "str"  # UTF-8 variable-length string
+BYTES = "bytes"  # variable-length uint8 (PNG bytes); empty when not stored
+NUMERIC = {"int64", "int32", "float32", "float16", "bool"}
+
+
+class ShardError(ValueError):
+    """A shard is missing, incomplete, corrupt or belongs to another run; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str  # one of NUMERIC, STR, BYTES
+    rows: str  # the row kind counted by the first axis
+    doc: str
+    inner: tuple[str, ...] = ()  # names of trailing axes (fixed within a shard), e.g. ("T",) or ("L", "D")
+    counts: str | None = None  # for *_count columns: the row kind whose rows it counts
+    optional: bool = False  # present for one model family only
+
+
+@dataclass(frozen=True)
+class StageSchema:
+    stage: str
+    doc: str
+    columns: tuple[Column, ...]
+    attrs: tuple[tuple[str, str], ...] = ()  # stage-specific attributes: (name, meaning)
+
+    def column(self, name: str) -> Column:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+def _c(name: str, kind: str, rows: str, doc: str, **kw: Any) -> Column:
+    return Column(name, kind, rows, doc, **kw)
+
+
+SCHEMAS: dict[str, StageSchema] = {
+    s.stage: s
+    for s in (
+        StageSchema(
+            "prompts",
+            "Step 1: compositional prompts of one shard (ids are unique across the iteration).",
+            (
+                _c("prompt_id", "int64", "prompts", "stable prompt id, unique within the iteration"),
+                _c("text", STR, "prompts", "the prompt"),
+                _c("category", STR, "prompts", "color, shape, texture, spatial, 3d_spatial, numeracy, "
+                   "non_spatial, complex (or the file's category)"),
+            ),
+        ),
+        StageSchema(
+            "questions",
+            "Step 3: yes/no questions per prompt, flattened.",
+            (
+                _c("prompt_id", "int64", "prompts", "prompt id (same order as the prompts shard)"),
+                _c("question_count", "int32", "prompts", "questions of each prompt", counts="questions"),
+                _c("fallback", "bool", "prompts", "True when the model's output was unusable and "
+                   "Prompt-Q was used instead"),
+                _c("question", STR, "questions", "question text, prompt by prompt"),
+            ),
+        ),
+        StageSchema(
+            "samples",
+            "Step 2: samples per prompt as sampled (never re-encoded), reference values, images.",
+            (
+                _c("prompt_id", "int64", "samples", "prompt id of each sample"),
+                _c("sample_index", "int32", "samples", "0..N-1 within the prompt"),
+                _c("seed", "int64", "samples", "derived from (run seed, iteration, prompt id, sample index)"),
+                _c("tokens", "int64", "samples", "discrete: visual token ids", inner=("T",), optional=True),
+                _c("ref_logprob", "float32", "samples", "discrete: log pi_ref(z|x) summed over image "
+                   "positions", optional=True),
+                _c("features", "float32", "samples", "continuous: sampled feature matrix H", inner=("L", "D"),
+                   optional=True),
+                _c("image_png", BYTES, "samples", "decoded image as PNG bytes (empty if not stored)"),
+                _c("ref_prompt_id", "int64", "ref_prompts", "continuous: prompt id of each reference "
+                   "feature row", optional=True),
+                _c("ref_features", "float32", "ref_prompts", "continuous: the reference's deterministic "
+                   "features H_r", inner=("L", "D"), optional=True),
+            ),
+        ),
+        StageSchema(
+            "scores",
+            "Step 4: VQA self-feedback per sample; per-question probabilities flattened.",
+            (
+                _c("prompt_id", "int64", "samples", "prompt id"),
+                _c("sample_index", "int32", "samples", "sample index within the prompt"),
+                _c("score", "float32", "samples", "s(x, y): mean of p(yes) - p(no) (or the configured variant)"),
+                _c("question_count", "int32", "samples", "questions answered for each sample",
+                   counts="answers"),
+                _c("p_yes", "float32", "answers", "p('yes' | image, question), summed over variants"),
+                _c("p_no", "float32", "answers", "p('no' | image, question), summed over variants"),
+            ),
+        ),
+        StageSchema(
+            "pairs",
+            "Selected preference pairs with everything training needs (one file per iteration).",
+            (
+                _c("prompt_id", "int64", "pairs", "prompt id"),
+                _c("text", STR, "pairs", "prompt text"),
+                _c("category", STR, "pairs", "prompt category"),
+                _c("chosen_index", "int32", "pairs", "sample index of the chosen sample"),
+                _c("rejected_index", "int32", "pairs", "sample index of the rejected sample"),
+                _c("chosen_score", "float32", "pairs", "score of the chosen sample"),
+                _c("rejected_score", "float32", "pairs", "score of the rejected sample"),
+                _c("chosen_tokens", "int64", "pairs", "discrete: chosen token ids", inner=("T",), optional=True),
+                _c("rejected_tokens", "int64", "pairs", "discrete: rejected token ids", inner=("T",),
+                   optional=True),
+                _c("chosen_ref_logprob", "float32", "pairs", "discrete: log pi_ref of chosen", optional=True),
+                _c("rejected_ref_logprob", "float32", "pairs", "discrete: log pi_ref of rejected",
+                   optional=True),
+                _c("chosen_features", "float32", "pairs", "continuous: H_w", inner=("L", "D"), optional=True),
+                _c("rejected_features", "float32", "pairs", "continuous: H_l", inner=("L", "D"), optional=True),
+                _c("ref_features", "float32", "pairs", "continuous: H_r of the prompt", inner=("L", "D"),
+                   optional=True),
+            ),
+        ),
+    )
+}
+
+COMMON_ATTRS = (
+    ("schema_version", "shard schema version (this document: 1)"),
+    ("stage", "prompts | questions | samples | scores | pairs"),
+    ("iteration", "SILMM iteration, from 1"),
+    ("shard_index", "index of this shard in the stage (0 for pairs)"),
+    ("shard_count", "number of shards of the stage"),
+    ("config_hash", "hash of the run's result-affecting config; readers refuse a different one"),
+    ("created", "UTC creation time, ISO 8601"),
+    ("silmm_version", "package version that wrote the shard"),
+    ("row_counts", "JSON: rows of each row kind"),
+    ("checksums", "JSON: CRC32 of each dataset's data, checked by `silmm verify`"),
+    ("extra", "JSON: stage-specific metadata (e.g. summary counts)"),
+)
+
+
+@dataclass
+class ShardMeta:
+    stage: str
+    iteration: int
+    shard_index: int
+    shard_count: int
+    config_hash: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Shard:
+    path: Path
+    meta: ShardMeta
+    data: dict[str, np.ndarray]
+    attrs: dict[str, Any]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.data[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.data
+
+    def rows(self, kind: str) -> int:
+        return int(json.loads(self.attrs["row_counts"]).get(kind, 0))
+
+
+# ------------------------------------------------------------------------------------ conversion
+def _as_array(col: Column, values: Any, where: str) -> np.ndarray:
+    """Normalise user values to the column's in-memory form (object arrays for variable length)."""
+    if col.kind == STR:
+        items = list(values)
+        for v in items:
+            if not isinstance(v, str):
+                raise ShardError(f"{where}: column '{col.name}' holds strings, got {type(v).__name__}")
+            if "\x00" in v:  # HDF5 variable-length strings end at NUL
+                raise ShardError(f"{where}: column '{col.name}' has a string with a NUL character: {v!r}")
+        arr = np.empty(len(items), dtype=object)
+        arr[:] = items
+        return arr
+    if col.kind == BYTES:
+        items = [np.frombuffer(bytes(v), dtype=np.uint8) if not isinstance(v, np.ndarray) else v.astype(np.uint8)
+                 for v in values]
+        arr = np.empty(len(items), dtype=object)
+        for i, v in enumerate(items):  # assigned one by one: numpy would otherwise stack equal lengths
+            arr[i] = v
+        return arr
+    arr = np.asarray(values)
+    if arr.size and arr.dtype.kind not in "biuf":
+        raise ShardError(f"{where}: column '{col.name}' is numeric ({col.kind}), got dtype {arr.dtype}")
+    if arr.size and col.kind != "bool" and arr.dtype.kind == "f" and np.dtype(col.kind).kind in "iu":
+        raise ShardError(f"{where}: column '{col.name}' is {col.kind}, got floats")
+    return arr.astype(col.kind, copy=False)
+
+
+def _h5_dtype(col: Column) -> Any:
+    if col.kind == STR:
+        return h5py.string_dtype("utf-8")
+    if col.kind == BYTES:
+        return h5py.vlen_dtype(np.uint8)
+    return np.dtype(col.kind)
+
+
+def _crc(arr: np.ndarray, kind: str) -> int:
+    crc = 0
+    if kind == STR:
+        for s in arr:
+            b = s.encode() if isinstance(s, str) else bytes(s)
+            crc = zlib.crc32(len(b).to_bytes(8, "little"), crc)
+            crc = zlib.crc32(b, crc)
+        return crc
+    if kind == BYTES:
+        for v in arr:
+            b = np.asarray(v, dtype=np.uint8).tobytes()
+            crc = zlib.crc32(len(b).to_bytes(8, "little"), crc)
+            crc = zlib.crc32(b, crc)
+        return crc
+    return zlib.crc32(np.ascontiguousarray(arr).tobytes())
+
+
+def check_columns(stage: str, data: Mapping[str, Any], where: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Validate a stage's columns (names, kinds, row agreement, counts); return arrays and row counts."""
+    schema = SCHEMAS.get(stage)
+    if schema is None:
+        raise ShardError(f"{where}: unknown stage '{stage}' (stages: {sorted(SCHEMAS)})")
+    unknown = set(data) - {c.name for c in schema.columns}
+    if unknown:
+        raise ShardError(f"{where}: unknown columns for stage '{stage}': {sorted(unknown)}")
+    arrays: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    inner: dict[str, int] = {}
+    for col in schema.columns:
+        if col.name not in data:
+            if not col.optional:
+                raise ShardError(f"{where}: missing column '{col.name}' of stage '{stage}'")
+            continue
+        arr = _as_array(col, data[col.name], where)
+        if arr.ndim != 1 + len(col.inner):
+            raise ShardError(f"{where}: column '{col.name}' must have {1 + len(col.inner)} axes "
+                             f"({col.rows}{''.join(', ' + a for a in col.inner)}), got shape {arr.shape}")
+        n = arr.shape[0]
+        if rows.setdefault(col.rows, n) != n:
+            raise ShardError(f"{where}: column '{col.name}' has {n} {col.rows} rows, other columns have "
+                             f"{rows[col.rows]}")
+        for axis, size in zip(col.inner, arr.shape[1:], strict=True):
+            if inner.setdefault(axis, size) != size:
+                raise ShardError(f"{where}: column '{col.name}' axis {axis}={size}, other columns have {inner[axis]}")
+        arrays[col.name] = arr
+    for col in schema.columns:
+        if col.counts and col.name in arrays:
+            counts = arrays[col.name]
+            if (counts < 0).any():
+                raise ShardError(f"{where}: column '{col.name}' has negative counts")
+            child = rows.get(col.counts, 0)
+            if int(counts.sum()) != child:
+                raise ShardError(f"{where}: column '{col.name}' sums to {int(counts.sum())} but there are "
+                                 f"{child} {col.counts} rows")
+    return arrays, rows
+
+
+# --------------------------------------------------------------------------------------- writing
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    compression: str = "gzip"  # gzip | lzf | none
+    compression_level: int = 1
+    file_locking: bool = True
+
+    @classmethod
+    def from_config(cls, store_cfg: Any) -> StoreOptions:
+        return cls(store_cfg.compression.value, store_cfg.compression_level, store_cfg.file_locking)
+
+
+def _open(path: Path, mode: str, options: StoreOptions) -> h5py.File:
+    # Some NFS/Lustre mounts refuse HDF5's file locks; HDF5_USE_FILE_LOCKING=FALSE also works.
+    return h5py.File(path, mode, locking=options.file_locking)
+
+
+def write_shard(path: str | Path, meta: ShardMeta, data: Mapping[str, Any],
+                options: StoreOptions = StoreOptions()) -> Path:
+    """Validate and write one shard atomically. Nothing exists at `path` until it is complete."""
+    path = Path(path)
+    arrays, rows = check_columns(meta.stage, data, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    schema = SCHEMAS[meta.stage]
+    checksums: dict[str, int] = {}
+    try:
+        with _open(tmp, "w", options) as f:
+            for col in schema.columns:
+                if col.name not in arrays:
+                    continue
+                arr = arrays[col.name]
+                kwargs: dict[str, Any] = {}
+                if col.inner and arr.shape[0] > 0:
+                    # one chunk per row: a reader can fetch any sample's features alone
+                    kwargs["chunks"] = (1, *arr.shape[1:])
+                    if options.compression == "gzip":
+                        kwargs.update(compression="gzip", compression_opts=options.compression_level, shuffle=True)
+                    elif options.compression == "lzf":
+                        kwargs.update(compression="lzf", shuffle=True)
+                if arr.shape[0]:
+                    # data= at creation: assigning equal-length vlen rows later fails to broadcast
+                    f.create_dataset(col.name, data=arr, dtype=_h5_dtype(col), **kwargs)
+                else:
+                    f.create_dataset(col.name, shape=arr.shape, dtype=_h5_dtype(col), **kwargs)
+                checksums[col.name] = _crc(arr, col.kind)
+            a = f.attrs
+            a["schema_version"] = SCHEMA_VERSION
+            a["stage"] = meta.stage
+            a["iteration"] = meta.iteration
+            a["shard_index"] = meta.shard_index
+            a["shard_count"] = meta.shard_count
+            a["config_hash"] = meta.config_hash
+            a["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            a["silmm_version"] = __version__
+            a["row_counts"] = json.dumps(rows, sort_keys=True)
+            a["checksums"] = json.dumps(checksums, sort_keys=True)
+            a["extra"] = json.dumps(meta.extra, sort_keys=True)
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------- reading
+def _read_column(dset: h5py.Dataset, col: Column) -> np.ndarray:
+    if col.kind == STR:
+        return dset.asstr()[...] if dset.shape[0] else np.empty(0, dtype=object)
+    if col.kind == BYTES:
+        out = np.empty(dset.shape[0], dtype=object)
+        if dset.shape[0]:
+            out[:] = list(dset[...])
+        return out
+    return dset[...]
+
+
+def read_shard(path: str | Path, stage: str | None = None, config_hash: str | None = None,
+               iteration: int | None = None, verify_checksums: bool = False,
+               options: StoreOptions = StoreOptions(), columns: Iterable[str] | None = None) -> Shard:
+    """Open, validate and load a shard. Raises ShardError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: shard does not exist (task not finished?)")
+    try:
+        f = _open(path, "r", options)
+    except OSError as exc:
+        raise ShardError(f"{path}: not a readable HDF5 file (truncated or corrupt): {exc}") from exc
+    with f:
+        a = dict(f.attrs)
+        for key, _ in COMMON_ATTRS:
+            if key not in a:
+                raise ShardError(f"{path}: missing attribute '{key}' (not a complete silmm shard)")
+        if int(a["schema_version"]) != SCHEMA_VERSION:
+            raise ShardError(f"{path}: schema version {a['schema_version']}, this silmm reads {SCHEMA_VERSION}")
+        got_stage = str(a["stage"])
+        if stage is not None and got_stage != stage:
+            raise ShardError(f"{path}: is a '{got_stage}' shard, expected '{stage}'")
+        if config_hash is not None and str(a["config_hash"]) != config_hash:
+            raise ShardError(f"{path}: config hash {a['config_hash']} differs from the run's {config_hash} "
+                             "(shard from another run or config)")
+        if iteration is not None and int(a["iteration"]) != iteration:
+            raise ShardError(f"{path}: iteration {a['iteration']}, expected {iteration}")
+        schema = SCHEMAS.get(got_stage)
+        if schema is None:
+            raise ShardError(f"{path}: unknown stage '{got_stage}'")
+        wanted = set(columns) if columns is not None else None
+        data: dict[str, np.ndarray] = {}
+        try:
+            for name in f:
+                try:
+                    col = schema.column(name)
+                except KeyError:
+                    raise ShardError(f"{path}: unexpected dataset '{name}' for stage '{got_stage}'") from None
+                if wanted is None or name in wanted or verify_checksums:
+                    data[name] = _read_column(f[name], col)
+        except OSError as exc:
+            raise ShardError(f"{path}: data cannot be read (corrupt): {exc}") from exc
+        shapes = {name: f[name].shape for name in f}
+    # structure: row agreement and counts, checked on shapes so partial column loads stay cheap
+    _check_shapes(path, schema, shapes, json.loads(a["row_counts"]))
+    if verify_checksums:
+        sums = json.loads(a["checksums"])
+        for name, arr in data.items():
+            if sums.get(name) != _crc(arr, schema.column(name).kind):
+                raise ShardError(f"{path}: checksum mismatch in dataset '{name}' (data corrupted)")
+        if wanted is not None:
+            data = {k: v for k, v in data.items() if k in wanted}
+    if any(c.counts for c in schema.columns):
+        for col in schema.columns:
+            if col.counts and col.name in data and int(data[col.name].sum()) != json.loads(a["row_counts"]).get(col.counts, 0):
+                raise ShardError(f"{path}: column '{col.name}' does not match the {col.counts} rows")
+    meta = ShardMeta(got_stage, int(a["iteration"]), int(a["shard_index"]), int(a["shard_count"]),
+                     str(a["config_hash"]), json.loads(a["extra"]))
+    return Shard(path, meta, data, a)
+
+
+def _check_shapes(path: Path, schema: StageSchema, shapes: dict[str, tuple[int, ...]],
+                  row_counts: dict[str, int]) -> None:
+    for col in schema.columns:
+        if col.name not in shapes:
+            if not col.optional:
+                raise ShardError(f"{path}: missing dataset '{col.name}'")
+            continue
+        shape = shapes[col.name]
+        if len(shape) != 1 + len(col.inner):
+            raise ShardError(f"{path}: dataset '{col.name}' has shape {shape}, expected {1 + len(col.inner)} axes")
+        if row_counts.get(col.rows) != shape[0]:
+            raise ShardError(f"{path}: dataset '{col.name}' has {shape[0]} rows, the shard records "
+                             f"{row_counts.get(col.rows)} {col.rows} rows (incomplete)")
+
+
+def validate_shard(path: str | Path, **kwargs: Any) -> str | None:
+    """None when the shard is good, else the problem (a message naming the file)."""
+    try:
+        read_shard(path, verify_checksums=True, **kwargs)
+    except ShardError as exc:
+        return str(exc)
+    return None
+
+
+def is_complete(path: str | Path, **kwargs: Any) -> bool:
+    """A task's completion test: the final file exists and validates (structure; no checksums)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        read_shard(path, columns=(), **kwargs)
+    except ShardError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------ resumable writing
+def concat_records(stage: str, records: list[Mapping[str, Any]], where: str) -> dict[str, np.ndarray]:
+    """Concatenate per-prompt records (each a mini table of the stage) row-wise."""
+    schema = SCHEMAS[stage]
+    if not records:
+        return {c.name: _empty(c) for c in schema.columns if not c.optional}
+    names = set(records[0])
+    out: dict[str, np.ndarray] = {}
+    for col in schema.columns:
+        if col.name not in names:
+            continue
+        parts = [_as_array(col, r[col.name], where) for r in records]
+        if col.kind in (STR, BYTES):
+            arr = np.empty(sum(len(p) for p in parts), dtype=object)
+            i = 0
+            for p in parts:
+                for v in p:
+                    arr[i] = v
+                    i += 1
+            out[col.name] = arr
+        else:
+            out[col.name] = np.concatenate(parts, axis=0)
+    return out
+
+
+def _empty(col: Column) -> np.ndarray:
+    if col.kind in (STR, BYTES):
+        return np.empty(0, dtype=object)
+    return np.zeros((0,) + (0,) * len(col.inner), dtype=col.kind)
+
+
+class ShardWriter:
+    """Write one shard prompt by prompt, resumably.
+
+    Usage in a stage task::
+
+        writer = ShardWriter(final_path, meta, flush_every=4)
+        for pid in prompt_ids:
+            if pid in writer.done: continue
+            writer.add(pid, record)        # record: the stage's columns for this prompt's rows
+        writer.finish()
+
+    Every `flush_every` records go to ``<shard>.progress/part_NNNNN.h5`` (written atomically), so a
+    task killed at any moment loses at most the unflushed records, and the final shard is the same
+    concatenation of parts an uninterrupted task writes.
+    """
+
+    def __init__(self, path: str | Path, meta: ShardMeta, flush_every: int = 4,
+                 options: StoreOptions = StoreOptions()):
+        self.path = Path(path)
+        self.meta = meta
+        self.flush_every = flush_every
+        self.options = options
+        self.progress_dir = self.path.with_name(self.path.name + ".progress")
+        self.pending: list[tuple[int, Mapping[str, Any]]] = []
+        self.parts: list[Path] = []
+        self.done: set[int] = set()
+        self._order: list[int] = []
+        self._load_progress()
+
+    def _load_progress(self) -> None:
+        if not self.progress_dir.is_dir():
+            return
+        for tmp in self.progress_dir.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)  # a part whose write was interrupted
+        for part in sorted(self.progress_dir.glob("part_*.h5")):
+            shard = read_shard(part, stage=self.meta.stage, config_hash=self.meta.config_hash,
+                               iteration=self.meta.iteration, options=self.options, columns=())
+            keys = shard.meta.extra.get("keys", [])
+            self.parts.append(part)
+            self.done.update(keys)
+            self._order.extend(keys)
+
+    def add(self, key: int, record: Mapping[str, Any]) -> None:
+        if key in self.done:
+            raise ShardError(f"{self.path}: record {key} was already written")
+        self.pending.append((key, record))
+        self.done.add(key)
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        keys = [k for k, _ in self.pending]
+        data = concat_records(self.meta.stage, [r for _, r in self.pending], str(self.path))
+        part = self.progress_dir / f"part_{len(self.parts):05d}.h5"
+        meta = ShardMeta(self.meta.stage, self.meta.iteration, self.meta.shard_index, self.meta.shard_count,
+                         self.meta.config_hash, {"keys": keys})
+        write_shard(part, meta, data, self.options)
+        self.parts.append(part)
+        self._order.extend(keys)
+        self.pending = []
+
+    def finish(self) -> Path:
+        """Write the final shard from all parts (and pending records), then drop the progress."""
+        self.flush()
+        records = []
+        for part in self.parts:
+            shard = read_shard(part, stage=self.meta.stage, config_hash=self.meta.config_hash,
+                               verify_checksums=True, options=self.options)
+            records.append(shard.data)
+        data = concat_records(self.meta.stage, records, str(self.path))
+        write_shard(self.path, self.meta, data, self.options)
+        shutil.rmtree(self.progress_dir, ignore_errors=True)
+        return self.path
+
+    @property
+    def keys_written(self) -> list[int]:
+        return list(self._order)
+
+
+# --------------------------------------------------------------------------------- documentation
+def schema_markdown() -> str:
+    """The schema as Markdown; shards/README.md embeds it (a test keeps the two identical)."""
+    out = [f"Schema version: {SCHEMA_VERSION}", "", "### Attributes of every shard", "",
+           "| attribute | meaning |", "|---|---|"]
+    out += [f"| `{name}` | {doc} |" for name, doc in COMMON_ATTRS]
+    for schema in SCHEMAS.values():
+        out += ["", f"### {schema.stage}", "", schema.doc, "",
+                "| dataset | dtype | shape | meaning |", "|---|---|---|---|"]
+        for c in schema.columns:
+            dtype = {STR: "UTF-8 string (vlen)", BYTES: "uint8 (vlen)"}.get(c.kind, c.kind)
+            shape = "[" + ", ".join((c.rows, *c.inner)) + "]"
+            notes = []
+            if c.counts:
+                notes.append(f"counts the `{c.counts}` rows of each `{c.rows}` row")
+            if c.optional:
+                notes.append("one model family only")
+            extra = f" ({'; '.join(notes)})" if notes else ""
+            out.append(f"| `{c.name}` | {dtype} | {shape} | {c.doc}{extra} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(schema_markdown(), end="")

@@ -53,7 +53,11 @@ class Column:
     doc: str
     inner: tuple[str, ...] = ()  # names of trailing axes (fixed within a shard), e.g. ("T",) or ("L", "D")
     counts: str | None = None  # for *_count columns: the row kind whose rows it counts
-    optional: bool = False  # present for one model family only
+    family: str | None = None  # "discrete" / "continuous": that family only; "optional": either; None: always
+
+    @property
+    def optional(self) -> bool:
+        return self.family is not None
 
 
 @dataclass(frozen=True)
@@ -105,16 +109,16 @@ SCHEMAS: dict[str, StageSchema] = {
                 _c("prompt_id", "int64", "samples", "prompt id of each sample"),
                 _c("sample_index", "int32", "samples", "0..N-1 within the prompt"),
                 _c("seed", "int64", "samples", "derived from (run seed, iteration, prompt id, sample index)"),
-                _c("tokens", "int64", "samples", "discrete: visual token ids", inner=("T",), optional=True),
+                _c("tokens", "int64", "samples", "discrete: visual token ids", inner=("T",), family="discrete"),
                 _c("ref_logprob", "float32", "samples", "discrete: log pi_ref(z|x) summed over image "
-                   "positions", optional=True),
+                   "positions", family="discrete"),
                 _c("features", "float32", "samples", "continuous: sampled feature matrix H", inner=("L", "D"),
-                   optional=True),
+                   family="continuous"),
                 _c("image_png", BYTES, "samples", "decoded image as PNG bytes (empty if not stored)"),
                 _c("ref_prompt_id", "int64", "ref_prompts", "continuous: prompt id of each reference "
-                   "feature row", optional=True),
+                   "feature row", family="continuous"),
                 _c("ref_features", "float32", "ref_prompts", "continuous: the reference's deterministic "
-                   "features H_r", inner=("L", "D"), optional=True),
+                   "features H_r", inner=("L", "D"), family="continuous"),
             ),
         ),
         StageSchema(
@@ -128,6 +132,8 @@ SCHEMAS: dict[str, StageSchema] = {
                    counts="answers"),
                 _c("p_yes", "float32", "answers", "p('yes' | image, question), summed over variants"),
                 _c("p_no", "float32", "answers", "p('no' | image, question), summed over variants"),
+                _c("image_png", BYTES, "samples", "with sampling.store_images=best_worst: PNG of each prompt's "
+                   "best and worst sample (others empty)", family="optional"),
             ),
         ),
         StageSchema(
@@ -141,16 +147,19 @@ SCHEMAS: dict[str, StageSchema] = {
                 _c("rejected_index", "int32", "pairs", "sample index of the rejected sample"),
                 _c("chosen_score", "float32", "pairs", "score of the chosen sample"),
                 _c("rejected_score", "float32", "pairs", "score of the rejected sample"),
-                _c("chosen_tokens", "int64", "pairs", "discrete: chosen token ids", inner=("T",), optional=True),
+                _c("chosen_tokens", "int64", "pairs", "discrete: chosen token ids", inner=("T",), family="discrete"),
                 _c("rejected_tokens", "int64", "pairs", "discrete: rejected token ids", inner=("T",),
-                   optional=True),
-                _c("chosen_ref_logprob", "float32", "pairs", "discrete: log pi_ref of chosen", optional=True),
+                   family="discrete"),
+                _c("chosen_ref_logprob", "float32", "pairs", "discrete: log pi_ref of chosen", family="discrete"),
                 _c("rejected_ref_logprob", "float32", "pairs", "discrete: log pi_ref of rejected",
-                   optional=True),
-                _c("chosen_features", "float32", "pairs", "continuous: H_w", inner=("L", "D"), optional=True),
-                _c("rejected_features", "float32", "pairs", "continuous: H_l", inner=("L", "D"), optional=True),
-                _c("ref_features", "float32", "pairs", "continuous: H_r of the prompt", inner=("L", "D"),
-                   optional=True),
+                   family="discrete"),
+                _c("chosen_row", "int64", "pairs", "continuous: row of H_w in `features`", family="continuous"),
+                _c("rejected_row", "int64", "pairs", "continuous: row of H_l in `features`", family="continuous"),
+                _c("ref_row", "int64", "pairs", "continuous: row of H_r in `ref_features`", family="continuous"),
+                _c("features", "float32", "feature_rows", "continuous: each sampled H used by a pair, once "
+                   "(top-k x bottom-k pairs share them)", inner=("L", "D"), family="continuous"),
+                _c("ref_features", "float32", "ref_rows", "continuous: the reference's H_r of each prompt",
+                   inner=("L", "D"), family="continuous"),
             ),
         ),
     )
@@ -208,6 +217,10 @@ def _as_array(col: Column, values: Any, where: str) -> np.ndarray:
                 raise ShardError(f"{where}: column '{col.name}' holds strings, got {type(v).__name__}")
             if "\x00" in v:  # HDF5 variable-length strings end at NUL
                 raise ShardError(f"{where}: column '{col.name}' has a string with a NUL character: {v!r}")
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ShardError(f"{where}: column '{col.name}' has a string that is not valid UTF-8: {v!r}") from None
         arr = np.empty(len(items), dtype=object)
         arr[:] = items
         return arr
@@ -279,6 +292,13 @@ def check_columns(stage: str, data: Mapping[str, Any], where: str) -> tuple[dict
             if inner.setdefault(axis, size) != size:
                 raise ShardError(f"{where}: column '{col.name}' axis {axis}={size}, other columns have {inner[axis]}")
         arrays[col.name] = arr
+    families = {c.family for c in schema.columns if c.name in arrays} & {"discrete", "continuous"}
+    if len(families) > 1:
+        raise ShardError(f"{where}: mixes discrete-only and continuous-only columns")
+    for fam in families:  # a family's columns come together
+        absent = [c.name for c in schema.columns if c.family == fam and c.name not in arrays]
+        if absent:
+            raise ShardError(f"{where}: {fam} columns present but {absent} missing")
     for col in schema.columns:
         if col.counts and col.name in arrays:
             counts = arrays[col.name]
@@ -531,6 +551,7 @@ class ShardWriter:
         self.options = options
         self.progress_dir = self.path.with_name(self.path.name + ".progress")
         self.pending: list[tuple[int, Mapping[str, Any]]] = []
+        self.flushing = False  # a preemption handler must not start a flush inside a flush
         self.parts: list[Path] = []
         self.done: set[int] = set()
         self._order: list[int] = []
@@ -560,6 +581,13 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.pending:
             return
+        self.flushing = True
+        try:
+            self._write_part()
+        finally:
+            self.flushing = False
+
+    def _write_part(self) -> None:
         keys = [k for k, _ in self.pending]
         data = concat_records(self.meta.stage, [r for _, r in self.pending], str(self.path))
         part = self.progress_dir / f"part_{len(self.parts):05d}.h5"
@@ -603,8 +631,9 @@ def schema_markdown() -> str:
             notes = []
             if c.counts:
                 notes.append(f"counts the `{c.counts}` rows of each `{c.rows}` row")
-            if c.optional:
-                notes.append("one model family only")
+            if c.family:
+                notes.append({"discrete": "discrete backends only", "continuous": "continuous backends only",
+                              "optional": "optional"}[c.family])
             extra = f" ({'; '.join(notes)})" if notes else ""
             out.append(f"| `{c.name}` | {dtype} | {shape} | {c.doc}{extra} |")
     return "\n".join(out) + "\n"

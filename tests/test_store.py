@@ -22,7 +22,7 @@ META = S.ShardMeta("samples", iteration=1, shard_index=0, shard_count=1, config_
 def column_strategy(col: S.Column, n: int, inner: dict[str, int]):
     shape = (n, *(inner[a] for a in col.inner))
     if col.kind == S.STR:
-        text = st.text(st.characters(blacklist_characters="\x00"), max_size=12)
+        text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=12)
         return st.lists(text, min_size=n, max_size=n)
     if col.kind == S.BYTES:
         return st.lists(st.binary(max_size=40), min_size=n, max_size=n)
@@ -45,9 +45,7 @@ def tables(draw, stage: str, family: str | None = None):
     rows = {c.rows for c in schema.columns}
     n = {r: draw(st.integers(0, 5)) for r in rows}
     inner = {"T": draw(st.integers(1, 4)), "L": draw(st.integers(1, 3)), "D": draw(st.integers(1, 3))}
-    cols = [c for c in schema.columns if not c.optional or
-            (family == "discrete" and c.inner == ("T",) or c.name.endswith("logprob")) and family == "discrete" or
-            (family == "continuous" and (c.inner == ("L", "D") or c.name == "ref_prompt_id"))]
+    cols = [c for c in schema.columns if c.family in (None, family)]
     data = {}
     for c in cols:
         if c.counts:
@@ -85,7 +83,8 @@ def sample_record(pid: int, n: int = 3, T: int = 4) -> dict:
 # ------------------------------------------------------------------------------ round trips
 @pytest.mark.parametrize(("stage", "family"), [("prompts", None), ("questions", None), ("scores", None),
                                                ("samples", "discrete"), ("samples", "continuous"),
-                                               ("pairs", "discrete"), ("pairs", "continuous")])
+                                               ("pairs", "discrete"), ("pairs", "continuous"),
+                                               ("scores", "optional")])
 def test_round_trip_every_stage_and_dtype(tmp_path_factory, stage, family):
     @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(data=tables(stage, family), compression=st.sampled_from(["gzip", "lzf", "none"]))
@@ -133,6 +132,15 @@ def test_write_refuses_inconsistent_tables_and_writes_nothing(tmp_path):
         S.write_shard(path, meta, {**good, "question": ["a?", 3, "c?"]})
     with pytest.raises(S.ShardError, match="'question' has a string with a NUL"):
         S.write_shard(path, meta, {**good, "question": ["a?", "b\x00", "c?"]})
+    with pytest.raises(S.ShardError, match="'question' has a string that is not valid UTF-8"):
+        S.write_shard(path, meta, {**good, "question": ["a?", "b\ud800", "c?"]})
+    with pytest.raises(S.ShardError, match="'prompt_id' is int64, got floats"):
+        S.write_shard(path, meta, {**good, "prompt_id": [1.5, 2.0]})
+    samples = sample_record(1)
+    with pytest.raises(S.ShardError, match="discrete columns present but \\['ref_logprob'\\] missing"):
+        S.write_shard(path, META, {k: v for k, v in samples.items() if k != "ref_logprob"})
+    with pytest.raises(S.ShardError, match="mixes discrete-only and continuous-only"):
+        S.write_shard(path, META, {**samples, "features": np.zeros((3, 1, 1))})
     with pytest.raises(S.ShardError, match="'prompt_id' is int64, got floats"):
         S.write_shard(path, meta, {**good, "prompt_id": [1.5, 2.0]})
     assert list(tmp_path.iterdir()) == []

@@ -270,6 +270,7 @@ class ExecutorConfig:
     retries: int = 2
     signal_delay_s: int = 120  # --signal=USR2@delay: time to checkpoint before the limit
     poll_interval_s: float = 5.0
+    local_parallelism: int = 1  # local executor: tasks running at once (each loads a model)
     default: StageResources = field(default_factory=StageResources)
     # per-stage overrides of `default`: only the keys given (checked against StageResources)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -324,8 +325,8 @@ class SilmmConfig:
 
 
 # Keys whose values cannot change what a run computes: they may differ when a run is re-opened
-# and are left out of the config hash.
-MUTABLE_PREFIXES = ("executor", "logging", "store.file_locking", "run.root")
+# and are left out of the config hash. (run.iterations: a run can be extended by more iterations.)
+MUTABLE_PREFIXES = ("executor", "logging", "store.file_locking", "run.root", "run.name", "run.iterations")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -491,6 +492,7 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
 
     e = cfg.executor
     positive("executor.max_array_size", e.max_array_size)
+    positive("executor.local_parallelism", e.local_parallelism)
     if e.retries < 0:
         fail("executor.retries", f"must be >= 0, got {e.retries}")
     for stage, override in e.stages.items():

@@ -346,3 +346,15 @@ def first_occurrences(texts: Sequence[str]) -> list[bool]:
         keep.append(k not in seen)
         seen.add(k)
     return keep
+
+
+# ------------------------------------------------------------------------------------- sharding
+def shard_range(count: int, per_shard: int, shard: int) -> range:
+    """Prompt ids of one shard: contiguous blocks, the last one shorter."""
+    if not 0 <= shard * per_shard < max(count, 1):
+        raise ValueError(f"shard {shard} is out of range for {count} prompts at {per_shard} per shard")
+    return range(shard * per_shard, min((shard + 1) * per_shard, count))
+
+
+def shard_count(count: int, per_shard: int) -> int:
+    return -(-count // per_shard)

@@ -96,7 +96,8 @@ def test_hash_ignores_keys_that_cannot_change_results(tmp_path, ckpt):
     path = write(tmp_path, base_yaml(ckpt))
     h = C.config_hash(C.load(path))
     assert C.config_hash(C.load(path, ["executor.default.mem_gb=99", "logging.level=DEBUG",
-                                       "store.file_locking=false", "executor.kind=slurm"])) == h
+                                       "store.file_locking=false", "executor.kind=slurm",
+                                       "run.iterations=3", "run.name=other"])) == h
     assert C.config_hash(C.load(path, ["train.lr=1e-6"])) != h
     assert C.config_hash(C.load(path, ["sampling.batch_size=3"])) != h
 

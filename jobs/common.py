@@ -1,0 +1,29 @@
+"""Command-line entry shared by every stage job: `python -m jobs.<stage> --run RUN --iteration K --shard I`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(stage: str, argv: list[str] | None = None) -> int:
+    from silmm.tasks import StageTask, run_task
+
+    p = argparse.ArgumentParser(prog=f"python -m jobs.{stage}", description=f"run one shard of the {stage} stage")
+    p.add_argument("--run", required=True, help="run directory (holds config.yaml)")
+    p.add_argument("--iteration", type=int, required=True)
+    p.add_argument("--shard", type=int, default=None,
+                   help="shard index (default: $SLURM_ARRAY_TASK_ID, so sbatch arrays need no wrapper)")
+    args = p.parse_args(argv)
+    shard = args.shard
+    if shard is None:
+        import os
+
+        if "SLURM_ARRAY_TASK_ID" not in os.environ:
+            p.error("--shard is required outside a Slurm array job")
+        shard = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    run_task(StageTask(args.run, args.iteration, stage, shard))
+    return 0

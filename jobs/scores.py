@@ -1,0 +1,105 @@
+"""Stage 4 -- VQA self-feedback for one shard: the model scores its own samples.
+
+Reads   iter_K/samples/shard_NNNNN.h5 (images, or tokens/features to decode when images were not
+        stored) and iter_K/questions/shard_NNNNN.h5; the iteration's starting model
+Writes  iter_K/scores/shard_NNNNN.h5: per sample p(yes), p(no) for each of its prompt's questions and
+        the score -- `feedback.method=vqa`: mean of p(yes) - p(no) (paper Eq. 1); `ratio_yes` and
+        `random` are the paper's ablation controls.
+
+Each image is encoded once and its prefix reused for all of its questions (the backend's yes_no).
+Run directly: python -m jobs.scores --run RUN --iteration K --shard I
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from silmm import feedback as F
+from silmm.config import FeedbackMethod, ImageStorage
+from silmm.images import from_png, to_png
+from silmm.models import load_backend
+from silmm.rundir import RunDir
+from silmm.seeding import derive_seed
+from silmm.store import StoreOptions, read_shard
+from silmm.tasks import open_writer, progress
+
+log = logging.getLogger("jobs.scores")
+
+
+def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
+    cfg = run.config
+    opts = StoreOptions.from_config(cfg.store)
+    samples = read_shard(run.shard_path(iteration, "samples", shard), stage="samples", config_hash=run.config_hash,
+                         iteration=iteration, options=opts)
+    questions = read_shard(run.shard_path(iteration, "questions", shard), stage="questions",
+                           config_hash=run.config_hash, iteration=iteration, options=opts)
+    q_of = _questions_by_prompt(questions)
+    rows_of: dict[int, list[int]] = {}
+    for row, pid in enumerate(samples["prompt_id"]):
+        rows_of.setdefault(int(pid), []).append(row)
+    missing = [pid for pid in rows_of if pid not in q_of]
+    if missing:
+        raise ValueError(f"{questions.path}: no questions for prompts {missing[:10]} of {samples.path}")
+
+    writer = open_writer(run, iteration, "scores", shard, samples.meta.shard_count)
+    todo = [pid for pid in rows_of if pid not in writer.done]
+    method = cfg.feedback.method
+    keep_best_worst = cfg.sampling.store_images is ImageStorage.best_worst
+    needs_model = method is not FeedbackMethod.random or keep_best_worst  # (random needs no images)
+    backend = load_backend(run, iteration) if todo and needs_model else None
+    for pid in progress(todo, len(todo), f"scores shard {shard}", cfg.logging.progress):
+        rows, qs = rows_of[pid], q_of[pid]
+        seeds = [int(x) for x in samples["seed"][rows]]
+        images = _images(backend, samples, rows, cfg.run.seed) if needs_model else []
+        if method is FeedbackMethod.random:
+            p_yes = p_no = [np.zeros(len(qs), np.float32)] * len(rows)
+            scores = [F.random_score(sd) for sd in seeds]
+        else:
+            per_call = max(1, cfg.feedback.batch_size // len(qs))  # images per forward: ~batch_size pairs
+            answers = [a for i in range(0, len(rows), per_call)
+                       for a in backend.yes_no(np.stack(images[i: i + per_call]), [qs] * len(images[i: i + per_call]))]
+            p_yes, p_no = [a[0] for a in answers], [a[1] for a in answers]
+            score_fn = F.vqa_score if method is FeedbackMethod.vqa else F.ratio_yes_score
+            scores = [score_fn(y, n) for y, n in zip(p_yes, p_no, strict=True)]
+        record: dict[str, Any] = {
+            "prompt_id": [pid] * len(rows), "sample_index": samples["sample_index"][rows],
+            "score": np.asarray(scores, np.float32), "question_count": [len(qs)] * len(rows),
+            "p_yes": np.concatenate(p_yes).astype(np.float32), "p_no": np.concatenate(p_no).astype(np.float32),
+        }
+        if keep_best_worst:
+            order = np.argsort(-np.asarray(scores), kind="stable")
+            keep = {int(order[0]), int(order[-1])}
+            record["image_png"] = [to_png(images[i]) if i in keep else b"" for i in range(len(rows))]
+        writer.add(pid, record)
+    writer.meta.extra.update(method=method.value)
+    path = writer.finish()
+    log.info("wrote scores of %d prompts to %s", len(rows_of), path)
+    return {"prompts": len(rows_of), "computed": len(todo)}
+
+
+def _questions_by_prompt(shard) -> dict[int, list[str]]:
+    out, start = {}, 0
+    for pid, count in zip(shard["prompt_id"], shard["question_count"], strict=True):
+        out[int(pid)] = list(shard["question"][start: start + count])
+        start += count
+    return out
+
+
+def _images(backend, samples, rows: list[int], run_seed: int) -> list[np.ndarray]:
+    """Stored PNGs, or a fresh decode of the stored tokens/features with the samples stage's decode seeds."""
+    if all(len(samples["image_png"][r]) for r in rows):
+        return [from_png(samples["image_png"][r]) for r in rows]
+    values = samples["tokens"][rows] if "tokens" in samples else samples["features"][rows]
+    seeds = [derive_seed(run_seed, samples.meta.iteration, int(samples["prompt_id"][r]),
+                         int(samples["sample_index"][r]), "decode") for r in rows]
+    return list(backend.decode(torch.from_numpy(np.asarray(values)), seeds))
+
+
+if __name__ == "__main__":
+    from jobs.common import main
+
+    raise SystemExit(main("scores"))

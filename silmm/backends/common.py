@@ -1,0 +1,185 @@
+"""Helpers shared by the backends: an offline tokenizer, yes/no token ids, LoRA, per-sample randomness."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from silmm.config import LoraConfig
+from silmm.seeding import generator
+
+# ------------------------------------------------------------------------------------ tiny tokenizer
+# Words of compositional prompts, self-questions and chat turns, so that a tiny tokenizer encodes the
+# text every stage writes with whole-word tokens (and "yes"/"no" in every casing as single tokens).
+_WORDS = """
+a an the one two three four five six seven eight nine ten some many several and or of with on in under
+above below behind beside next to near left right top bottom front back inside outside between over
+is are there this that it its image picture photo photograph scene shows show does do has have can
+red orange yellow green blue purple pink brown black white gray grey golden silver colorful
+round square rectangular triangular oval circular cubic spherical flat tall short big small large tiny
+wooden metallic plastic glass leather fabric fluffy furry smooth rough shiny soft hard striped dotted
+cat cats dog dogs bird birds horse horses cow cows sheep car cars bus buses bicycle bicycles truck
+boat train airplane chair chairs table tables bed sofa lamp book books cup cups bottle bottles bowl
+plate apple apples banana bananas orange oranges cake pizza flower flowers tree trees house houses
+man woman men women person people child children girl boy ball balls box boxes bag bags clock
+phone computer laptop television window door wall floor sky grass water river road street mountain
+circle circles triangle triangles cube cubes sphere spheres shape shapes object objects
+holding riding eating sitting standing playing looking carrying wearing reading watching chasing
+question questions answer answers prompt prompts list write describe generate following each
+attribute attributes noun nouns color colors texture textures number numbers relation relations
+spatial layout count counting adjective adjectives category example examples new word words
+yes no Yes No YES NO true false not
+user assistant system you are helpful language vision assistant able to understand the visual
+content that provides and assist with variety tasks using natural
+"""
+_YES_NO_LINES = [
+    "Yes", "No", "yes", "no", "Yes.", "No.", "Answer: yes", "Answer: no", "Answer: Yes", "Answer: No",
+    "Is there a red cube? Yes", "Is there a blue ball? No", "yes or no", "Yes or No",
+]
+_SENTENCES = [
+    "A red cube and a blue sphere.", "Two cats on a wooden table.", "A dog to the left of a green car.",
+    "Is there a cat in the image?", "Is the ball red?", "Are there two dogs?", "Is the cube above the sphere?",
+    "Question: Is the apple on the plate? Answer: yes", "Write one yes/no question for each object.",
+    "Prompt: a small yellow bird next to three apples.", "List colors, shapes, textures and objects.",
+]
+
+
+def _corpus() -> list[str]:
+    words = _WORDS.split()
+    lines = [" ".join(words[i:i + 12]) for i in range(0, len(words), 12)]
+    # capitalised variants so that sentence-initial words are whole tokens too
+    lines += [" ".join(w.capitalize() for w in line.split()) for line in lines]
+    return (lines + _SENTENCES + _YES_NO_LINES) * 3
+
+
+def build_tiny_tokenizer(
+    out_dir: str | Path | None = None,
+    extra_special_tokens: Sequence[str] | Mapping[str, str] = (),
+    vocab_size: int = 2048,
+    chat_template: str | None = None,
+    add_bos: bool = True,
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained offline on a built-in corpus in a few milliseconds.
+
+    Byte-level so that any text encodes (no unknown tokens), like the real Llama/DeepSeek tokenizers.
+    ``extra_special_tokens``: a list of added special tokens, or a mapping ``attribute -> token`` whose
+    attributes become tokenizer properties (Janus' processor reads ``tokenizer.image_token`` etc.).
+    ``add_bos``: prepend ``<s>`` when encoding, as Llama-family tokenizers do.
+    Deterministic: the same arguments give the same vocabulary.
+    """
+    base_special = ["<unk>", "<s>", "</s>", "<pad>"]
+    extra = list(extra_special_tokens.values()) if isinstance(extra_special_tokens, Mapping) else list(
+        extra_special_tokens)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=base_special + extra,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    if add_bos:
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    kwargs: dict = {}
+    if isinstance(extra_special_tokens, Mapping):
+        kwargs["extra_special_tokens"] = dict(extra_special_tokens)
+    elif extra:
+        kwargs["additional_special_tokens"] = extra
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left", **kwargs,
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+# ----------------------------------------------------------------------------------- yes/no tokens
+_YES = ("yes", "Yes", "YES")
+_NO = ("no", "No", "NO")
+_SPACE_MARKS = ("", "Ġ", "▁", " ")  # byte-level BPE, sentencepiece, and literal space prefixes
+
+
+def _single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
+    unk = tokenizer.unk_token_id
+    vocab = tokenizer.get_vocab()
+    ids: list[int] = []
+    for word in words:
+        for mark in _SPACE_MARKS:
+            if mark.strip() and mark + word in vocab:  # a vocabulary entry, e.g. "Ġyes" / "▁yes"
+                ids.append(vocab[mark + word])
+            encoded = tokenizer.encode(mark + word, add_special_tokens=False)
+            if len(encoded) == 1 and encoded[0] != unk:  # what the model sees when it writes the word
+                ids.append(encoded[0])
+    return sorted(set(ids))
+
+
+def yes_no_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """Ids of the single-token spellings of "yes" and "no" (case, leading-space variants), deduplicated.
+
+    Raises ValueError when either list is empty (the tokenizer cannot answer yes/no in one token).
+    """
+    yes, no = _single_token_ids(tokenizer, _YES), _single_token_ids(tokenizer, _NO)
+    if not yes or not no:
+        raise ValueError(f"tokenizer has no single-token 'yes' ({yes}) or 'no' ({no})")
+    if set(yes) & set(no):
+        raise ValueError(f"'yes' and 'no' token ids overlap: {sorted(set(yes) & set(no))}")
+    return yes, no
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+def lora_target_modules(model: torch.nn.Module, target_regex: str) -> list[str]:
+    """Names of the Linear modules that ``target_regex`` selects (peft fully matches the module name)."""
+    pattern = re.compile(target_regex)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name)]
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraConfig, modules_to_save: list[str] | None = None):
+    """Wrap the modules matching ``lora.target_regex`` with a LoRA adapter; everything else is frozen.
+
+    Returns the ``PeftModel``. Raises ValueError when the regex selects no Linear module, which would
+    otherwise train nothing without complaint.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = lora_target_modules(model, lora.target_regex)
+    if not targets:
+        raise ValueError(f"LoRA target_regex {lora.target_regex!r} matches no Linear module of "
+                         f"{type(model).__name__}")
+    config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_regex,
+        modules_to_save=modules_to_save, bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+# ------------------------------------------------------------------------- per-sample randomness
+def make_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per sample, so that a sample's draws depend only on its own seed."""
+    return [generator(int(s), device) for s in seeds]
+
+
+def randn_per_sample(generators: Sequence[torch.Generator], shape: Sequence[int], dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, *shape] Gaussian noise, row b drawn from generators[b] (on the generator's device)."""
+    rows = [torch.randn(tuple(shape), generator=g, device=g.device, dtype=torch.float32) for g in generators]
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def multinomial_per_sample(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One draw per row of ``probs`` [B, V] -> [B] int64, row b drawn with generators[b]."""
+    draws = [torch.multinomial(probs[b].float(), 1, generator=g) for b, g in enumerate(generators)]
+    return torch.cat(draws).to(probs.device)

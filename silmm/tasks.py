@@ -1,0 +1,139 @@
+"""A stage task: one shard of one stage of one iteration (the datatrove executor shape).
+
+`StageTask` is what submitit pickles and runs: paths and small values only, never models. A task that
+finds its output complete does nothing; otherwise it logs to its own file, runs the stage's job
+function (`jobs.<stage>.run`), and writes its stats as JSON beside the log. It is checkpointable: on
+preemption or time-out (USR2) submitit calls :meth:`StageTask.checkpoint`, which flushes the shard's
+progress, and the requeued task resumes from it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import submitit
+from tqdm import tqdm
+
+from silmm.fsutil import atomic_write_text
+from silmm.rundir import RunDir
+from silmm.store import ShardMeta, ShardWriter, StoreOptions, is_complete
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# the writer of the task running in this process, flushed by checkpoint() on preemption
+_active_writer: ShardWriter | None = None
+
+
+@dataclass
+class StageTask(submitit.helpers.Checkpointable):
+    run_dir: str
+    iteration: int
+    stage: str
+    shard: int = 0
+
+    def __call__(self) -> dict[str, Any]:
+        return run_task(self)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        writer = _active_writer
+        if writer is not None and not writer.flushing:
+            writer.flush()  # keep what is computed; the requeued task resumes after it
+            log.warning("preempted: flushed progress of %s (%d prompts done)", writer.path, len(writer.done))
+        return super().checkpoint(*args, **kwargs)
+
+    @property
+    def name(self) -> str:
+        return f"iter_{self.iteration:02d}/{self.stage}/shard_{self.shard:05d}"
+
+
+def output_path(run: RunDir, task: StageTask) -> Path:
+    if task.stage == "pairs":
+        return run.pairs_path(task.iteration)
+    if task.stage == "train":
+        return run.model_dir(task.iteration) / "DONE"
+    return run.shard_path(task.iteration, task.stage, task.shard)
+
+
+def is_done(run: RunDir, task: StageTask) -> bool:
+    """A task's completion test: its shard exists and validates (train: the exported model's marker)."""
+    out = output_path(run, task)
+    if task.stage == "train":
+        return out.is_file()
+    return is_complete(out, config_hash=run.config_hash, options=StoreOptions.from_config(run.config.store))
+
+
+def log_path(run: RunDir, task: StageTask) -> Path:
+    return run.logs_dir / f"iter_{task.iteration:02d}" / f"{task.stage}_{task.shard:05d}.log"
+
+
+@contextmanager
+def task_log(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def run_task(task: StageTask) -> dict[str, Any]:
+    run = RunDir.open(task.run_dir)
+    out = output_path(run, task)
+    if is_done(run, task):
+        log.info("%s: already complete at %s, skipping", task.name, out)
+        return {"task": task.name, "skipped": True, "output": str(out)}
+    job = importlib.import_module(f"jobs.{task.stage}")
+    with task_log(log_path(run, task)):
+        env = {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+                                          "SLURM_RESTART_COUNT") if k in os.environ}
+        log.info("%s: start on %s %s -> %s", task.name, socket.gethostname(), env, out)
+        t0 = time.time()
+        stats = job.run(run, task.iteration, task.shard)
+        stats.update(task=task.name, output=str(out), seconds=round(time.time() - t0, 3),
+                     host=socket.gethostname(), **env)
+        atomic_write_text(log_path(run, task).with_suffix(".stats.json"), json.dumps(stats, indent=2) + "\n")
+        log.info("%s: done in %.1f s: %s", task.name, stats["seconds"], stats)
+    return stats
+
+
+def open_writer(run: RunDir, iteration: int, stage: str, shard: int, shard_count: int,
+                extra: dict[str, Any] | None = None) -> ShardWriter:
+    """The stage's resumable writer, registered so a preemption flushes it."""
+    global _active_writer
+    meta = ShardMeta(stage, iteration, shard, shard_count, run.config_hash, extra or {})
+    writer = ShardWriter(run.shard_path(iteration, stage, shard), meta, run.config.sharding.flush_every,
+                         StoreOptions.from_config(run.config.store))
+    if writer.done:
+        log.info("resuming %s: %d prompts already recorded", writer.path, len(writer.done))
+    _active_writer = writer
+    return writer
+
+
+def progress(items: Iterable[T], total: int, desc: str, enabled: bool = True) -> Iterator[T]:
+    """tqdm on a terminal, plus a log line with counts and rate every ~10% for batch logs."""
+    t0 = time.time()
+    step = max(total // 10, 1)
+    bar = tqdm(items, total=total, desc=desc, disable=not enabled or not os.isatty(2), mininterval=2.0)
+    for i, item in enumerate(bar, 1):
+        yield item
+        if i % step == 0 or i == total:
+            rate = i / max(time.time() - t0, 1e-9)
+            log.info("%s: %d/%d (%.2f/s, eta %.0f s)", desc, i, total, rate, (total - i) / max(rate, 1e-9))
+

@@ -1,0 +1,206 @@
+"""Stages 1-4 and pair selection with both tiny backends, run as the executors run them (StageTask)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from silmm import feedback as F
+from silmm import store as S
+from silmm.images import from_png
+from silmm.inspection import verify_run
+from silmm.models import load_backend
+from silmm.seeding import derive_seed
+from silmm.tasks import StageTask, run_task
+from tests.helpers import tiny_run
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("prompts", "questions", "samples", "scores")
+
+
+def run_iteration(run, iteration=1):
+    for stage in STAGES:
+        for shard in range(run.config.num_shards):
+            run_task(StageTask(str(run.path), iteration, stage, shard))
+    return run_task(StageTask(str(run.path), iteration, "pairs"))
+
+
+@pytest.fixture(scope="module", params=["janus", "dream"])
+def done_run(request, tiny_checkpoints, tmp_path_factory):
+    backend = request.param
+    run = tiny_run(tmp_path_factory.mktemp(f"stages_{backend}"), tiny_checkpoints(backend), backend)
+    stats = run_iteration(run)
+    return backend, run, stats
+
+
+def read(run, stage, shard, **kw):
+    return S.read_shard(run.shard_path(1, stage, shard), stage=stage, config_hash=run.config_hash, **kw)
+
+
+def test_every_shard_valid_and_consistent(done_run):
+    backend, run, stats = done_run
+    assert verify_run(run) == []
+    ids = np.concatenate([read(run, "prompts", i)["prompt_id"] for i in range(2)])
+    assert ids.tolist() == list(range(6))
+    n = run.config.sampling.samples_per_prompt
+    for i in range(2):
+        prompts, questions = read(run, "prompts", i), read(run, "questions", i)
+        samples, scores = read(run, "samples", i), read(run, "scores", i)
+        assert questions["prompt_id"].tolist() == prompts["prompt_id"].tolist()
+        assert (questions["question_count"] >= 1).all()
+        assert samples["prompt_id"].tolist() == np.repeat(prompts["prompt_id"], n).tolist()
+        assert samples["sample_index"].tolist() == list(range(n)) * len(prompts["prompt_id"])
+        expected = [derive_seed(0, 1, int(p), int(j), "sample") for p, j in zip(samples["prompt_id"],
+                                                                                  samples["sample_index"], strict=True)]
+        assert samples["seed"].tolist() == expected
+        # scores: per sample the questions of its prompt, and Eq. 1 exactly
+        qcount = dict(zip(questions["prompt_id"].tolist(), questions["question_count"].tolist(), strict=True))
+        assert scores["question_count"].tolist() == [qcount[int(p)] for p in scores["prompt_id"]]
+        offsets = np.concatenate([[0], np.cumsum(scores["question_count"])])
+        for r in range(len(scores["score"])):
+            y, no = scores["p_yes"][offsets[r]:offsets[r + 1]], scores["p_no"][offsets[r]:offsets[r + 1]]
+            assert scores["score"][r] == np.float32(F.vqa_score(y, no))
+            assert ((y > 0) & (no > 0) & (y + no <= 1 + 1e-6)).all()
+    assert stats["pairs"] > 0
+
+
+def test_samples_hold_what_was_sampled_and_exact_reference_values(done_run):
+    backend, run, _ = done_run
+    model = load_backend(run, 1)
+    samples, prompts = read(run, "samples", 0), read(run, "prompts", 0)
+    text = dict(zip(prompts["prompt_id"].tolist(), prompts["text"], strict=True))
+    n = run.config.sampling.samples_per_prompt
+    first = [text[int(p)] for p in samples["prompt_id"][:n]]
+    z = model.sample(first, samples["seed"][:n].tolist())  # same batch as the stage formed
+    images = model.decode(z, [derive_seed(0, 1, int(samples["prompt_id"][0]), j, "decode") for j in range(n)])
+    stored_images = np.stack([from_png(b) for b in samples["image_png"][:n]])
+    assert np.array_equal(images, stored_images)  # PNG is lossless
+    with torch.no_grad(), model.reference():
+        if backend == "janus":
+            assert torch.equal(z, torch.from_numpy(samples["tokens"][:n]))
+            ref = model.sequence_logprobs(first, z).float().numpy()
+            np.testing.assert_allclose(samples["ref_logprob"][:n], ref, rtol=1e-5, atol=1e-4)
+        else:
+            np.testing.assert_array_equal(samples["features"][:n], z.numpy())
+            ref = model.features(list(prompts["text"])).float().numpy()
+            np.testing.assert_allclose(samples["ref_features"], ref, atol=1e-5)
+            assert samples["ref_prompt_id"].tolist() == prompts["prompt_id"].tolist()
+
+
+def test_pairs_file_has_what_training_needs(done_run):
+    backend, run, _ = done_run
+    pairs = S.read_shard(run.pairs_path(1), stage="pairs", config_hash=run.config_hash, verify_checksums=True)
+    assert (pairs["chosen_score"] > pairs["rejected_score"]).all()
+    scores = {}
+    samples = {}
+    for i in range(2):
+        sc, sa = read(run, "scores", i), read(run, "samples", i)
+        for r, (p, j) in enumerate(zip(sc["prompt_id"].tolist(), sc["sample_index"].tolist(), strict=True)):
+            scores[p, j] = sc["score"][r]
+        for r, (p, j) in enumerate(zip(sa["prompt_id"].tolist(), sa["sample_index"].tolist(), strict=True)):
+            samples[p, j] = r, i
+    for k, pid in enumerate(pairs["prompt_id"].tolist()):
+        c, r = int(pairs["chosen_index"][k]), int(pairs["rejected_index"][k])
+        assert pairs["chosen_score"][k] == scores[pid, c] and pairs["rejected_score"][k] == scores[pid, r]
+        row, shard = samples[pid, c]
+        sa = read(run, "samples", shard)
+        if backend == "janus":
+            assert np.array_equal(pairs["chosen_tokens"][k], sa["tokens"][row])
+            assert pairs["chosen_ref_logprob"][k] == sa["ref_logprob"][row]
+        else:
+            assert np.array_equal(pairs["features"][pairs["chosen_row"][k]], sa["features"][row])
+            assert np.array_equal(pairs["ref_features"][pairs["ref_row"][k]],
+                                  sa["ref_features"][sa["ref_prompt_id"].tolist().index(pid)])
+    summary = json.loads((run.iter_dir(1) / "pairs_summary.json").read_text())
+    assert summary["counts"]["pairs"] == len(pairs["prompt_id"]) and summary["counts"]["prompts"] == 6
+
+
+def test_complete_task_is_skipped(done_run):
+    _, run, _ = done_run
+    path = run.shard_path(1, "samples", 0)
+    before = path.stat().st_mtime_ns
+    assert run_task(StageTask(str(run.path), 1, "samples", 0))["skipped"] is True
+    assert path.stat().st_mtime_ns == before
+
+
+def test_prompts_do_not_depend_on_the_number_of_shards(tiny_checkpoints, tmp_path):
+    ckpt = tiny_checkpoints("janus")
+    texts = {}
+    for per_shard in (2, 6):
+        run = tiny_run(tmp_path / str(per_shard), ckpt, "janus", f"sharding.prompts_per_shard={per_shard}",
+                       "prompts.categories={color: 1, non_spatial: 1, numeracy: 1}")
+        rows = []
+        for i in range(run.config.num_shards):
+            run_task(StageTask(str(run.path), 1, "prompts", i))
+            p = read(run, "prompts", i)
+            rows += list(zip(p["prompt_id"].tolist(), p["text"], p["category"], strict=True))
+        texts[per_shard] = rows
+    assert texts[2] == texts[6]
+    assert len({t.lower() for _, t, _ in texts[2]}) == 6
+
+
+def test_pairs_refuses_missing_shards_with_a_list(tiny_checkpoints, tmp_path):
+    run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus")
+    for shard in range(2):
+        run_task(StageTask(str(run.path), 1, "prompts", shard))
+    with pytest.raises(S.ShardError) as err:
+        run_task(StageTask(str(run.path), 1, "pairs"))
+    msg = str(err.value)
+    assert "4 shard(s) missing or bad" in msg and "samples/shard_00001.h5" in msg and "scores/shard_00000.h5" in msg
+
+
+def shard_content(path):
+    shard = S.read_shard(path)
+    return {k: [bytes(x) if not isinstance(x, str) else x for x in v] if v.dtype == object else v.tobytes()
+            for k, v in shard.data.items()}
+
+
+@pytest.mark.slow
+def test_killed_samples_task_resumes_to_identical_shard(tiny_checkpoints, tmp_path):
+    ckpt = tiny_checkpoints("janus")
+    overrides = ("prompts.count=8", "sharding.prompts_per_shard=8", "sampling.samples_per_prompt=4",
+                 "sampling.batch_size=2")
+    ref = tiny_run(tmp_path / "ref", ckpt, "janus", *overrides)
+    run = tiny_run(tmp_path / "killed", ckpt, "janus", *overrides)
+    assert ref.config_hash == run.config_hash
+    for r in (ref, run):
+        run_task(StageTask(str(r.path), 1, "prompts", 0))
+    run_task(StageTask(str(ref.path), 1, "samples", 0))
+
+    progress_dir = run.stage_dir(1, "samples") / "shard_00000.h5.progress"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.samples", "--run", str(run.path), "--iteration", "1",
+                             "--shard", "0"], env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(progress_dir.glob("part_00001.h5")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    final = run.shard_path(1, "samples", 0)
+    assert not final.exists(), "the task finished before it could be interrupted"
+    done_before = len(list(progress_dir.glob("part_*.h5")))
+    assert 2 <= done_before < 8
+    stats = run_task(StageTask(str(run.path), 1, "samples", 0))
+    assert stats["computed"] == 8 - done_before
+    assert shard_content(final) == shard_content(ref.shard_path(1, "samples", 0))
+
+
+def test_checkpoint_flushes_pending_progress(tiny_checkpoints, tmp_path):
+    from silmm.tasks import open_writer
+
+    run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus", "sharding.flush_every=4")
+    writer = open_writer(run, 1, "questions", 0, 2)
+    writer.add(0, {"prompt_id": [0], "question_count": [1], "fallback": [False], "question": ["Is it red?"]})
+    assert writer.pending and not writer.parts
+    task = StageTask(str(run.path), 1, "questions", 0)
+    resubmission = task.checkpoint()
+    assert not writer.pending and len(writer.parts) == 1
+    assert resubmission.function is task
+    assert S.ShardWriter(run.shard_path(1, "questions", 0), writer.meta).done == {0}

@@ -21,13 +21,39 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from silmm.driver import DriverError, run_driver, submit_detached
     from silmm.rundir import RunDir
 
-    cfg = C.load(args.config, args.overrides)
+    cfg = C.load(args.config, args.overrides)  # every config error stops here, before anything is written
     run = RunDir.create_or_open(cfg)
-    print(f"run directory {run.path} (config {run.config_hash})")
-    print("silmm run: the iteration driver is not implemented yet (issue #6); the run directory and its "
-          "frozen config are ready, and stages can be inspected with `silmm inspect`.")
+    print(f"run directory {run.path} (config {run.config_hash})", flush=True)
+    if args.detach:
+        job_id = submit_detached(run, args.config, args.overrides)
+        print(f"driver submitted as Slurm job {job_id}; follow it with `silmm status {run.path}`")
+        return 0
+    try:
+        run_driver(run, break_lock=args.break_lock)
+    except DriverError as exc:
+        print(f"silmm: {exc}", file=sys.stderr)
+        return 1
+    print(f"done: {run.config.run.iterations} iteration(s); model in {run.model_dir(run.config.run.iterations)}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from silmm.rundir import RunDir
+    from silmm.status import describe_status
+
+    print(describe_status(RunDir.open(args.run)))
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from silmm.rundir import RunDir
+    from silmm.status import cancel
+
+    done = cancel(RunDir.open(args.run))
+    print("cancelled: " + (", ".join(done) if done else "nothing was running"))
     return 0
 
 
@@ -53,6 +79,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from silmm.models import build_tiny
+
+    out = build_tiny(args.backend, args.out_dir, seed=args.seed)
+    print(f"tiny {args.backend} checkpoint written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="silmm", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"silmm {__version__}")
@@ -68,11 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="create or resume a run and advance it")
     run.add_argument("config")
     run.add_argument("overrides", nargs="*", help="key=value dotlist overrides")
+    run.add_argument("--detach", action="store_true",
+                     help="submit the driver itself as a Slurm job that resubmits itself until the run is done")
+    run.add_argument("--break-lock", action="store_true", help="take over a driver lock left by a dead driver")
     run.set_defaults(func=_cmd_run)
+
+    st = sub.add_parser("status", help="per iteration and stage: done / running / failed / missing")
+    st.add_argument("run")
+    st.set_defaults(func=_cmd_status)
+
+    cn = sub.add_parser("cancel", help="cancel the run's submitted jobs and stop its driver")
+    cn.add_argument("run")
+    cn.set_defaults(func=_cmd_cancel)
 
     ins = sub.add_parser("inspect", help="summarise a shard or a run directory")
     ins.add_argument("path")
     ins.set_defaults(func=_cmd_inspect)
+
+    tiny = sub.add_parser("make-tiny", help="build a tiny random checkpoint (tests, demos; no download)")
+    tiny.add_argument("backend", choices=["janus", "dream"])
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_cmd_make_tiny)
 
     ver = sub.add_parser("verify", help="validate every shard of a run; list the bad ones")
     ver.add_argument("run")

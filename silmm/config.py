@@ -260,7 +260,7 @@ class StageResources:
     setup: list[str] = field(default_factory=list)  # e.g. "module load cuda", "source env/bin/activate"
 
 
-STAGES = ("prompts", "questions", "samples", "scores", "pairs", "train")
+STAGES = ("prompts", "questions", "samples", "scores", "pairs", "train", "driver")  # driver: --detach job
 
 
 @dataclass

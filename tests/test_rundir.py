@@ -88,3 +88,20 @@ def test_status_inspect_and_verify(cfg_file):
     assert proc.returncode == 0
     assert "stage prompts · iteration 1 · shard 0 of 3" in proc.stdout
     assert "rows: prompts=8" in proc.stdout and "text" in proc.stdout and "prompt_id" in proc.stdout
+
+
+def test_make_tiny_cli_builds_a_loadable_deterministic_checkpoint(tmp_path):
+    import hashlib
+
+    digests = []
+    for name in ("a", "b"):
+        proc = subprocess.run([sys.executable, "-m", "silmm", "make-tiny", "janus", str(tmp_path / name)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        digests.append(hashlib.sha256((tmp_path / name / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    cfg = C.load(None, [f"model.path={tmp_path / 'a'}"])
+    from silmm.backends.janus import JanusBackend
+
+    backend = JanusBackend.load(cfg.model, cfg.sampling)
+    assert backend.sample(["a red cube"], [1]).shape[1] == backend.num_image_tokens

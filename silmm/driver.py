@@ -1,0 +1,314 @@
+"""The iteration driver: looks at what is on disk, submits only what is missing, waits, retries, reports.
+
+For each iteration: prompts -> questions -> samples -> scores (arrays over shards) -> pairs -> train.
+Re-running the same command resumes exactly where things stand on disk; a finished shard is never
+redone. One driver per run, enforced by a lock file (a stale lock of a dead process is reported and
+taken over). The driver writes `<run>/jobs.json` (what it submitted and their states) for `silmm status`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from silmm.config import ExecutorKind, PromptSource
+from silmm.executors import make_executor, parallelism, split_arrays
+from silmm.fsutil import atomic_write_text
+from silmm.models import ensure_base_model
+from silmm.rundir import SHARD_STAGES, RunDir
+from silmm.store import read_shard
+from silmm.tasks import StageTask, is_done, log_path
+
+log = logging.getLogger(__name__)
+
+STAGE_ORDER = (*SHARD_STAGES, "pairs", "train")
+
+
+class DriverError(RuntimeError):
+    """A task failed for good, or the run is locked; the message is the report for the user."""
+
+
+# ------------------------------------------------------------------------------------------- lock
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def driver_lock(run: RunDir, break_lock: bool = False) -> Iterator[None]:
+    """Exclusive per run. A lock left by a dead process on this host is reported and replaced; one
+    from another host cannot be checked, so it is refused unless `break_lock`."""
+    path = run.path / "driver.lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                other = json.loads(path.read_text())
+            except (OSError, ValueError):
+                other = {}
+            same_host = other.get("host") == me["host"]
+            if break_lock or (same_host and not _alive(int(other.get("pid", -1)))):
+                log.warning("removing stale driver lock %s (pid %s on %s since %s)", path, other.get("pid"),
+                            other.get("host"), other.get("since"))
+                path.unlink(missing_ok=True)
+                continue
+            where = "" if same_host else " (on another host: if it is dead, re-run with --break-lock)"
+            raise DriverError(f"{path}: another driver is running on this run: pid {other.get('pid')} on "
+                              f"{other.get('host')} since {other.get('since')}{where}") from None
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------ job tracking
+@dataclass
+class Tracked:
+    task: StageTask
+    job: Any = None
+    attempts: int = 0
+    state: str = "missing"  # missing | pending | running | done | failed
+    error: str = ""
+
+
+@dataclass
+class JobBook:
+    """What the driver submitted, persisted to jobs.json for `silmm status` and `silmm cancel`."""
+
+    run: RunDir
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def record(self, t: Tracked) -> None:
+        key = f"iter_{t.task.iteration:02d}/{t.task.stage}/{t.task.shard:05d}"
+        self.entries[key] = {"job_id": getattr(t.job, "job_id", None), "state": t.state, "attempts": t.attempts,
+                             "kind": self.run.config.executor.kind.value, "updated": time.time(),
+                             "log": str(log_path(self.run, t.task)), "error": t.error[-2000:]}
+
+    def save(self) -> None:
+        atomic_write_text(self.run.path / "jobs.json", json.dumps(self.entries, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, run: RunDir) -> JobBook:
+        path = run.path / "jobs.json"
+        return cls(run, json.loads(path.read_text()) if path.is_file() else {})
+
+
+def _job_state(job: Any) -> str:
+    if job.done():
+        return "finished"
+    state = str(getattr(job, "state", "UNKNOWN")).upper()
+    return "running" if state in ("RUNNING", "COMPLETING") else "pending" if state == "PENDING" else "running"
+
+
+def _failure_text(t: Tracked) -> str:
+    lines = []
+    try:
+        exc = t.job.exception()
+        if exc is not None:
+            lines.append(str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc))
+    except Exception as exc:  # the job died without a result (killed, OOM, cancelled)
+        lines.append(f"{type(exc).__name__}: {str(exc).strip()[:500]}")
+    stderr = getattr(getattr(t.job, "paths", None), "stderr", None)
+    if stderr is not None and Path(stderr).is_file():
+        tail = Path(stderr).read_text(errors="replace").strip().splitlines()[-15:]
+        lines.append(f"last lines of {stderr}:\n    " + "\n    ".join(tail))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ stages
+class Driver:
+    def __init__(self, run: RunDir, status_stream=sys.stderr):
+        self.run = run
+        self.cfg = run.config
+        self.book = JobBook.load(run)
+        self.status_stream = status_stream
+        self._stop = False
+
+    # the public story --------------------------------------------------------------------------
+    def run_all(self) -> None:
+        ensure_base_model(self.cfg)  # once, before any task could race to build it
+        for iteration in range(1, self.cfg.run.iterations + 1):
+            for stage in STAGE_ORDER:
+                self.run_stage(iteration, stage)
+            self._mark_done(iteration)
+        log.info("run %s: all %d iteration(s) done; final model in %s", self.run.path, self.cfg.run.iterations,
+                 self.run.model_dir(self.cfg.run.iterations))
+
+    def run_stage(self, iteration: int, stage: str) -> None:
+        if stage == "prompts" and self.cfg.prompts.source is PromptSource.files:
+            self._run_tasks(iteration, stage, [0])  # the files decide how many shards there are
+        shards = list(range(self.num_shards(iteration))) if stage in SHARD_STAGES else [0]
+        self._run_tasks(iteration, stage, shards)
+
+    def num_shards(self, iteration: int) -> int:
+        if self.cfg.prompts.source is PromptSource.generate:
+            return self.cfg.num_shards
+        first = read_shard(self.run.shard_path(iteration, "prompts", 0), "prompts", self.run.config_hash, iteration,
+                           columns=())
+        return first.meta.shard_count
+
+    # submission, polling, retries ---------------------------------------------------------------
+    def _run_tasks(self, iteration: int, stage: str, shards: list[int]) -> None:
+        tracked = [Tracked(StageTask(str(self.run.path), iteration, stage, s)) for s in shards]
+        todo = [t for t in tracked if not is_done(self.run, t.task)]
+        for t in tracked:
+            t.state = "missing" if t in todo else "done"
+        if not todo:
+            log.info("iter %d %s: all %d done", iteration, stage, len(tracked))
+            return
+        log.info("iter %d %s: %d of %d to run", iteration, stage, len(todo), len(tracked))
+        queue = list(todo)
+        limit = parallelism(self.run, stage)
+        t0 = time.time()
+        while True:
+            running = [t for t in tracked if t.state in ("pending", "running")]
+            room = limit - len(running)
+            if queue and room > 0:
+                batch, queue = queue[:room], queue[room:]
+                self._submit(iteration, stage, batch)
+            self._poll(tracked, queue)
+            self._status_line(iteration, stage, tracked, t0)
+            failed = [t for t in tracked if t.state == "failed"]
+            if failed:
+                self._report_failure(failed)
+            if all(t.state == "done" for t in tracked):
+                break
+            if self._stop:
+                raise DriverError("driver stopped by a signal; submitted jobs keep running (silmm cancel RUN)")
+            time.sleep(self.cfg.executor.poll_interval_s if self.cfg.executor.kind is not ExecutorKind.debug else 0)
+        self._end_status_line()
+        log.info("iter %d %s: done in %.1f s", iteration, stage, time.time() - t0)
+
+    def _submit(self, iteration: int, stage: str, batch: list[Tracked]) -> None:
+        executor = make_executor(self.run, iteration, stage)
+        for chunk in split_arrays(batch, self.cfg.executor.max_array_size):
+            if len(chunk) == 1:
+                jobs = [executor.submit(chunk[0].task)]
+            else:
+                with executor.batch():
+                    jobs = [executor.submit(t.task) for t in chunk]
+            for t, job in zip(chunk, jobs, strict=True):
+                t.job, t.state, t.error = job, "pending", ""
+                t.attempts += 1
+                self.book.record(t)
+                if self.cfg.executor.kind is ExecutorKind.debug:
+                    try:  # debug jobs run in this process, when their result is asked for
+                        job.result()
+                    except Exception:
+                        pass  # recorded by _poll: the output is not complete
+            log.info("iter %d %s: submitted %d task(s) as %s", iteration, stage, len(chunk),
+                     ", ".join(sorted({str(j.job_id).split("_")[0] for j in jobs})))
+        self.book.save()
+
+    def _poll(self, tracked: list[Tracked], queue: list[Tracked]) -> None:
+        for t in tracked:
+            if t.state not in ("pending", "running"):
+                continue
+            state = _job_state(t.job)
+            if state != "finished":
+                t.state = state
+            elif is_done(self.run, t.task):
+                t.state = "done"
+            else:
+                t.error = _failure_text(t)
+                if t.attempts <= self.cfg.executor.retries:
+                    log.warning("%s failed (attempt %d of %d), retrying:\n%s", t.task.name, t.attempts,
+                                self.cfg.executor.retries + 1, t.error)
+                    t.state = "missing"
+                    queue.append(t)
+                else:
+                    t.state = "failed"
+            self.book.record(t)
+        self.book.save()
+
+    def _report_failure(self, failed: list[Tracked]) -> None:
+        self._end_status_line()
+        parts = []
+        for t in failed:
+            stderr = getattr(getattr(t.job, "paths", None), "stderr", "")
+            parts.append(f"{t.task.name}: failed after {t.attempts} attempt(s)\n  task log: "
+                         f"{log_path(self.run, t.task)}\n  job output: {stderr}\n  {t.error}")
+        raise DriverError("a task failed for good:\n" + "\n".join(parts))
+
+    # status ------------------------------------------------------------------------------------
+    def _status_line(self, iteration: int, stage: str, tracked: list[Tracked], t0: float) -> None:
+        counts = {s: sum(t.state == s for t in tracked) for s in ("done", "running", "pending", "missing", "failed")}
+        text = (f"iter {iteration} {stage:9s} done {counts['done']}/{len(tracked)}  running {counts['running']}  "
+                f"pending {counts['pending'] + counts['missing']}  failed {counts['failed']}  "
+                f"{time.time() - t0:6.0f}s")
+        if self.status_stream.isatty():
+            self.status_stream.write("\r" + text)
+            self.status_stream.flush()
+        else:
+            log.debug(text)
+
+    def _end_status_line(self) -> None:
+        if self.status_stream.isatty():
+            self.status_stream.write("\n")
+
+    def _mark_done(self, iteration: int) -> None:
+        state = self.run.state()
+        state.setdefault("done", {})[f"iter_{iteration:02d}"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.run.write_state(state)
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop = True
+
+
+def run_driver(run: RunDir, break_lock: bool = False) -> None:
+    driver = Driver(run)
+    with driver_lock(run, break_lock):
+        old = signal.signal(signal.SIGTERM, driver.request_stop)
+        try:
+            driver.run_all()
+        finally:
+            signal.signal(signal.SIGTERM, old)
+
+
+# ------------------------------------------------------------------------------------------ detach
+@dataclass
+class DetachedDriver(submitit.helpers.Checkpointable):
+    """The driver as a small Slurm job that resubmits itself before its time limit."""
+
+    config_path: str
+    overrides: list[str]
+
+    def __call__(self) -> str:
+        from silmm import config as C
+
+        run = RunDir.create_or_open(C.load(self.config_path, self.overrides))
+        run_driver(run, break_lock=True)  # a requeued driver takes over its own predecessor's lock
+        return str(run.path)
+
+
+def submit_detached(run: RunDir, config_path: str, overrides: list[str]) -> str:
+    res = run.config.resources("driver")
+    ex = submitit.AutoExecutor(folder=run.logs_dir / "submitit" / "driver", cluster="slurm")
+    ex.update_parameters(timeout_min=min(res.time_min, 24 * 60), slurm_partition=res.partition,
+                         slurm_account=res.account, slurm_qos=res.qos, cpus_per_task=1, mem_gb=2,
+                         slurm_job_name=f"silmm-driver-{run.config.run.name}", slurm_setup=list(res.setup),
+                         slurm_signal_delay_s=run.config.executor.signal_delay_s)
+    job = ex.submit(DetachedDriver(config_path, list(overrides)))
+    return str(job.job_id)

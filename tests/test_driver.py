@@ -1,0 +1,98 @@
+"""The driver with the debug (in-process) and local (submitit subprocess) executors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from silmm import store as S
+from silmm.driver import Driver, DriverError, JobBook, driver_lock
+from silmm.executors import split_arrays
+from silmm.inspection import verify_run
+from silmm.status import describe_status
+from tests.helpers import tiny_run
+
+FAST = ("executor.poll_interval_s=0.1",)
+
+
+def test_debug_executor_runs_stages_through_pairs(tiny_checkpoints, tmp_path):
+    run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus", "executor.kind=debug", *FAST)
+    driver = Driver(run)
+    for stage in ("prompts", "questions", "samples", "scores", "pairs"):
+        driver.run_stage(1, stage)
+    assert verify_run(run) == [] and run.pairs_path(1).is_file()
+    book = JobBook.load(run).entries
+    assert len(book) == 2 * 4 + 1 and all(e["state"] == "done" for e in book.values())
+
+
+def test_local_executor_submits_only_missing_shards(tiny_checkpoints, tmp_path):
+    run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus", "executor.kind=local",
+                   "executor.local_parallelism=2", *FAST)
+    driver = Driver(run)
+    from silmm.tasks import StageTask, run_task
+
+    run_task(StageTask(str(run.path), 1, "prompts", 1))  # shard 1 exists before the driver starts
+    before = run.shard_path(1, "prompts", 1).stat().st_mtime_ns
+    driver.run_stage(1, "prompts")
+    book = JobBook.load(run).entries
+    assert list(book) == ["iter_01/prompts/00000"]  # only the missing shard was submitted
+    assert book["iter_01/prompts/00000"]["job_id"].isdigit()  # a local process
+    assert run.shard_path(1, "prompts", 1).stat().st_mtime_ns == before
+    assert all(S.is_complete(run.shard_path(1, "prompts", i)) for i in range(2))
+    text = describe_status(run)
+    assert "prompts   done 2/2" in text and "questions done 0/2" in text and "missing 2" in text
+
+
+def test_failing_task_is_retried_then_reported_with_its_log(tiny_checkpoints, tmp_path):
+    run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus", "executor.kind=local", "executor.retries=1",
+                   *FAST)
+    bad = run.shard_path(1, "prompts", 0)
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not hdf5")  # the questions task of shard 0 cannot read its input
+    from silmm.tasks import StageTask, run_task
+
+    run_task(StageTask(str(run.path), 1, "prompts", 1))
+    with pytest.raises(DriverError) as err:
+        Driver(run).run_stage(1, "questions")
+    msg = str(err.value)
+    assert "iter_01/questions/shard_00000: failed after 2 attempt(s)" in msg
+    assert "not a readable HDF5 file" in msg and "task log:" in msg and "questions_00000.log" in msg
+    assert JobBook.load(run).entries["iter_01/questions/00000"]["state"] == "failed"
+    assert S.is_complete(run.shard_path(1, "questions", 1))  # the healthy shard still finished
+
+
+def test_second_driver_is_refused_and_stale_lock_taken_over(tiny_checkpoints, tmp_path):
+    run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus")
+    with driver_lock(run):
+        with pytest.raises(DriverError, match="another driver is running on this run: pid"):
+            with driver_lock(run):
+                pass
+    assert not (run.path / "driver.lock").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    (run.path / "driver.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "x"}))
+    with driver_lock(run):
+        assert json.loads((run.path / "driver.lock").read_text())["pid"] == os.getpid()
+    (run.path / "driver.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "x"}))
+    with pytest.raises(DriverError, match="on another host"):
+        with driver_lock(run):
+            pass
+    with driver_lock(run, break_lock=True):
+        pass
+
+
+def test_split_arrays():
+    assert split_arrays(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert split_arrays([1], 1000) == [[1]]
+
+
+def test_cli_run_refuses_bad_config_before_writing(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "silmm", "run", "configs/tiny_discrete.yaml",
+                           f"run.root={tmp_path}", "feedback.method=oracle"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 2 and "feedback.method" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

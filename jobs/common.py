@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 
@@ -25,5 +26,18 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         shard = int(os.environ["SLURM_ARRAY_TASK_ID"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    signal.signal(signal.SIGUSR2, _preempted)  # slurm/sbatch/*.sh forward USR2 before the time limit
+    signal.signal(signal.SIGTERM, _preempted)
     run_task(StageTask(args.run, args.iteration, stage, shard))
     return 0
+
+
+def _preempted(signum: int, _frame) -> None:
+    """Keep what is computed, then exit; the re-run task resumes after the last flushed prompt."""
+    from silmm import tasks
+
+    writer = tasks._active_writer
+    if writer is not None and not writer.flushing:
+        writer.flush()
+    logging.getLogger("jobs").warning("signal %d: progress flushed, exiting for requeue", signum)
+    raise SystemExit(128 + signum)

@@ -14,7 +14,7 @@ from silmm import config as C
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    cfg = C.load(args.config, args.overrides)
+    cfg = C.load(args.config, args.overrides, args.profile)
     print(f"# config hash {C.config_hash(cfg)}")
     print(C.to_yaml(cfg), end="")
     return 0
@@ -24,11 +24,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from silmm.driver import DriverError, run_driver, submit_detached
     from silmm.rundir import RunDir
 
-    cfg = C.load(args.config, args.overrides)  # every config error stops here, before anything is written
+    cfg = C.load(args.config, args.overrides, args.profile)  # every config error stops here, before any write
     run = RunDir.create_or_open(cfg)
     print(f"run directory {run.path} (config {run.config_hash})", flush=True)
     if args.detach:
-        job_id = submit_detached(run, args.config, args.overrides)
+        job_id = submit_detached(run, args.config, args.overrides, args.profile)
         print(f"driver submitted as Slurm job {job_id}; follow it with `silmm status {run.path}`")
         return 0
     try:
@@ -97,11 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = cfg.add_parser("show", help="print the resolved config and its hash")
     show.add_argument("config")
     show.add_argument("overrides", nargs="*", help="key=value dotlist overrides")
+    show.add_argument("--profile", action="append", default=[], help="extra YAML merged after CONFIG (cluster profile)")
     show.set_defaults(func=_cmd_config_show)
 
     run = sub.add_parser("run", help="create or resume a run and advance it")
     run.add_argument("config")
     run.add_argument("overrides", nargs="*", help="key=value dotlist overrides")
+    run.add_argument("--profile", action="append", default=[],
+                     help="extra YAML merged after CONFIG, e.g. slurm/profiles/generic_gpu.yaml (repeatable)")
     run.add_argument("--detach", action="store_true",
                      help="submit the driver itself as a Slurm job that resubmits itself until the run is done")
     run.add_argument("--break-lock", action="store_true", help="take over a driver lock left by a dead driver")

@@ -337,25 +337,27 @@ def _wrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: key '{key}': {msg}")
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SilmmConfig:
-    """Schema <- YAML file <- dotlist overrides, then :func:`resolve` and :func:`validate`."""
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         profiles: list[str] | tuple[str, ...] = ()) -> SilmmConfig:
+    """Schema <- YAML file <- profile files (e.g. a cluster's executor section) <- dotlist overrides,
+    then :func:`resolve` and :func:`validate`."""
     cfg = OmegaConf.structured(SilmmConfig)
     origins: dict[str, str] = {}  # key -> where its value came from, for error messages
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+    for source in ([path] if path is not None else []) + list(profiles):
+        source = Path(source)
+        if not source.is_file():
+            raise ConfigError(f"{source}: config file not found")
         try:
-            loaded = OmegaConf.load(path)
+            loaded = OmegaConf.load(source)
         except Exception as exc:  # yaml syntax errors come in several types
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
         if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path}: the top level must be a mapping of config groups")
+            raise ConfigError(f"{source}: the top level must be a mapping of config groups")
         try:
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as exc:
-            raise _wrap(exc, str(path)) from exc
-        origins.update(dict.fromkeys(flatten(OmegaConf.to_container(loaded)), str(path)))
+            raise _wrap(exc, str(source)) from exc
+        origins.update(dict.fromkeys(flatten(OmegaConf.to_container(loaded)), str(source)))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command-line override '{item}': expected key=value")

@@ -294,21 +294,23 @@ class DetachedDriver(submitit.helpers.Checkpointable):
 
     config_path: str
     overrides: list[str]
+    profiles: list[str] = field(default_factory=list)
 
     def __call__(self) -> str:
         from silmm import config as C
 
-        run = RunDir.create_or_open(C.load(self.config_path, self.overrides))
+        run = RunDir.create_or_open(C.load(self.config_path, self.overrides, self.profiles))
         run_driver(run, break_lock=True)  # a requeued driver takes over its own predecessor's lock
         return str(run.path)
 
 
-def submit_detached(run: RunDir, config_path: str, overrides: list[str]) -> str:
+def submit_detached(run: RunDir, config_path: str, overrides: list[str], profiles: list[str] = ()) -> str:
     res = run.config.resources("driver")
     ex = submitit.AutoExecutor(folder=run.logs_dir / "submitit" / "driver", cluster="slurm")
     ex.update_parameters(timeout_min=min(res.time_min, 24 * 60), slurm_partition=res.partition,
                          slurm_account=res.account, slurm_qos=res.qos, cpus_per_task=1, mem_gb=2,
                          slurm_job_name=f"silmm-driver-{run.config.run.name}", slurm_setup=list(res.setup),
                          slurm_signal_delay_s=run.config.executor.signal_delay_s)
-    job = ex.submit(DetachedDriver(config_path, list(overrides)))
+    job = ex.submit(DetachedDriver(str(Path(config_path).resolve()), list(overrides),
+                                   [str(Path(p).resolve()) for p in profiles]))
     return str(job.job_id)

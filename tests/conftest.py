@@ -4,6 +4,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+pytest_plugins = ["tests.slurm_cluster"]  # the session fixture `slurm_cluster` (a real local Slurm)
+
 import pytest  # noqa: E402
 
 

@@ -204,3 +204,32 @@ def test_checkpoint_flushes_pending_progress(tiny_checkpoints, tmp_path):
     assert not writer.pending and len(writer.parts) == 1
     assert resubmission.function is task
     assert S.ShardWriter(run.shard_path(1, "questions", 0), writer.meta).done == {0}
+
+
+@pytest.mark.slow
+def test_usr2_flushes_unflushed_progress_and_resume_is_identical(tiny_checkpoints, tmp_path):
+    """What slurm/sbatch/stage.sh relies on: USR2 makes a direct-run task save its progress and exit."""
+    ckpt = tiny_checkpoints("janus")
+    overrides = ("prompts.count=24", "sharding.prompts_per_shard=24", "questions.batch_size=8",
+                 "questions.max_new_tokens=24")
+    ref = tiny_run(tmp_path / "ref", ckpt, "janus", *overrides)
+    run = tiny_run(tmp_path / "sig", ckpt, "janus", *overrides, "sharding.flush_every=100")
+    for r in (ref, run):
+        run_task(StageTask(str(r.path), 1, "prompts", 0))
+    run_task(StageTask(str(ref.path), 1, "questions", 0))
+    log_file = run.logs_dir / "iter_01" / "questions_00000.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.questions", "--run", str(run.path), "--iteration", "1",
+                             "--shard", "0"], env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    # preempt once the first batch of 8 is recorded (pending: flush_every is 100) and more are running
+    while time.time() < deadline and proc.poll() is None and "questions shard 0: 1/3" not in (
+            log_file.read_text() if log_file.exists() else ""):
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGUSR2)
+    assert proc.wait(timeout=60) == 128 + signal.SIGUSR2
+    assert not run.shard_path(1, "questions", 0).exists()
+    writer = S.ShardWriter(run.shard_path(1, "questions", 0), S.ShardMeta("questions", 1, 0, 1, run.config_hash))
+    assert len(writer.done) in (8, 16)  # flushed by the handler, not by the flush interval (100)
+    run_task(StageTask(str(run.path), 1, "questions", 0))
+    assert shard_content(run.shard_path(1, "questions", 0)) == shard_content(ref.shard_path(1, "questions", 0))

@@ -1,0 +1,106 @@
+"""The driver and stage tasks on a real local Slurm cluster (slurm/start_local_slurm.sh)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from silmm import store as S
+from silmm.driver import Driver, DriverError, JobBook
+from silmm.executors import make_executor
+from silmm.inspection import verify_run
+from silmm.status import describe_status
+from silmm.tasks import StageTask, run_task
+from tests.helpers import tiny_config, tiny_run
+from tests.test_stages import shard_content
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = ("executor.kind=slurm", "executor.default.partition=debug", "executor.default.mem_gb=2",
+           "executor.default.time_min=10", "executor.poll_interval_s=1", "executor.signal_delay_s=30")
+
+
+def test_stages_through_slurm_arrays_split_by_max_array_size(slurm_cluster, tiny_checkpoints, tmp_path):
+    run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus", *PROFILE, "prompts.count=6",
+                   "sharding.prompts_per_shard=2", "executor.max_array_size=2")
+    driver = Driver(run)
+    for stage in ("prompts", "questions", "samples", "scores", "pairs"):
+        driver.run_stage(1, stage)
+    assert verify_run(run) == [] and S.is_complete(run.pairs_path(1))
+    book = JobBook.load(run).entries
+    prompt_arrays = {e["job_id"].split("_")[0] for k, e in book.items() if "/prompts/" in k}
+    assert len(prompt_arrays) == 2  # 3 shards, at most 2 per array
+    assert all(e["kind"] == "slurm" and e["state"] == "done" for e in book.values())
+    # Slurm accounting knows the array tasks as completed
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(prompt_arrays)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.count("COMPLETED") == 3
+    assert "prompts   done 3/3" in describe_status(run)
+
+
+def test_preempted_samples_task_requeues_and_resumes_to_identical_shard(slurm_cluster, tiny_checkpoints, tmp_path):
+    ckpt = tiny_checkpoints("janus")
+    overrides = (*PROFILE, "prompts.count=12", "sharding.prompts_per_shard=12", "sampling.samples_per_prompt=6",
+                 "sampling.batch_size=2")
+    ref = tiny_run(tmp_path / "ref", ckpt, "janus", *overrides)
+    run = tiny_run(tmp_path / "pre", ckpt, "janus", *overrides)
+    for r in (ref, run):
+        run_task(StageTask(str(r.path), 1, "prompts", 0))
+    run_task(StageTask(str(ref.path), 1, "samples", 0))
+    job = make_executor(run, 1, "samples").submit(StageTask(str(run.path), 1, "samples", 0))
+    progress = run.stage_dir(1, "samples") / "shard_00000.h5.progress"
+    deadline = time.time() + 120
+    while not list(progress.glob("part_00001.h5")) and time.time() < deadline and not job.done():
+        time.sleep(0.01)
+    assert not job.done(), "finished before the preemption"
+    job._interrupt()  # what a preemption does: SIGTERM then USR2 -> checkpoint() flushes, requeue
+    job.result()
+    restarts = subprocess.run(["scontrol", "show", "job", str(job.job_id)], capture_output=True, text=True).stdout
+    assert "Restarts=1" in restarts
+    log = (run.logs_dir / "iter_01" / "samples_00000.log").read_text()
+    assert "resuming" in log  # the requeued task started from the flushed progress
+    assert shard_content(run.shard_path(1, "samples", 0)) == shard_content(ref.shard_path(1, "samples", 0))
+
+
+def test_killed_driver_rerun_redoes_nothing_finished(slurm_cluster, tiny_checkpoints, tmp_path):
+    cfg = tiny_config(tmp_path, tiny_checkpoints("janus"), "janus", *PROFILE)
+    args = [f"run.root={tmp_path}", "run.name=run", f"model.path={cfg.model.path}", *PROFILE,
+            "prompts.count=6", "sharding.prompts_per_shard=3", "sampling.samples_per_prompt=3",
+            "sampling.batch_size=3", "questions.max_new_tokens=12"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "silmm", "run", "configs/tiny_discrete.yaml", *args]
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_path = tmp_path / "run"
+    questions = [run_path / "iter_01" / "questions" / f"shard_{i:05d}.h5" for i in range(2)]
+    deadline = time.time() + 180
+    while not all(q.exists() for q in questions) and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert all(q.exists() for q in questions)
+    mtimes = {p: p.stat().st_mtime_ns for p in (run_path / "iter_01").glob("*/shard_*.h5")}
+    from silmm.rundir import RunDir
+
+    run = RunDir.open(run_path)
+    stats_before = len(list((run_path / "logs" / "iter_01").glob("prompts_*.stats.json")))
+    Driver(run).run_stage(1, "samples")  # resume the iteration where it stopped
+    Driver(run).run_stage(1, "scores")
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing finished was rewritten
+    assert len(list((run_path / "logs" / "iter_01").glob("prompts_*.stats.json"))) == stats_before
+    assert verify_run(run) == []
+
+
+def test_failing_task_reported_with_slurm_log(slurm_cluster, tiny_checkpoints, tmp_path):
+    run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus", *PROFILE, "executor.retries=1")
+    bad = run.shard_path(1, "prompts", 0)
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"garbage")
+    run_task(StageTask(str(run.path), 1, "prompts", 1))
+    with pytest.raises(DriverError) as err:
+        Driver(run).run_stage(1, "questions")
+    msg = str(err.value)
+    assert "iter_01/questions/shard_00000: failed after 2 attempt(s)" in msg
+    assert "not a readable HDF5 file" in msg and "job output:" in msg and "_0_log.err" in msg

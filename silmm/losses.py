@@ -29,6 +29,16 @@ def _mean(x: torch.Tensor) -> float:
     return x.detach().to(torch.float64).mean().item()  # float64: no rounding of float64 inputs
 
 
+def _reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    return {
+        "rewards/chosen": _mean(chosen),
+        "rewards/rejected": _mean(rejected),
+        "rewards/margins": _mean(chosen - rejected),
+        # strict: at the start of training policy == reference and the accuracy is 0, as in TRL
+        "rewards/accuracies": _mean((chosen > rejected).float()),
+    }
+
+
 @dataclass
 class DPOOutput:
     """Per-example DPO / IPO results; rewards are the implicit rewards ``beta * log(pi / pi_ref)``."""
@@ -46,11 +56,7 @@ class DPOOutput:
     def metrics(self) -> dict[str, float]:
         """Batch means, named as TRL's DPOTrainer logs them."""
         return {
-            "rewards/chosen": _mean(self.chosen_rewards),
-            "rewards/rejected": _mean(self.rejected_rewards),
-            "rewards/margins": _mean(self.chosen_rewards - self.rejected_rewards),
-            # strict: at the start of training policy == reference and the accuracy is 0, as in TRL
-            "rewards/accuracies": _mean((self.chosen_rewards > self.rejected_rewards).float()),
+            **_reward_metrics(self.chosen_rewards, self.rejected_rewards),
             "logps/chosen": _mean(self.policy_chosen_logps),
             "logps/rejected": _mean(self.policy_rejected_logps),
         }
@@ -74,10 +80,7 @@ class KCDPOOutput:
 
     def metrics(self) -> dict[str, float]:
         return {
-            "rewards/chosen": _mean(self.chosen_rewards),
-            "rewards/rejected": _mean(self.rejected_rewards),
-            "rewards/margins": _mean(self.chosen_rewards - self.rejected_rewards),
-            "rewards/accuracies": _mean((self.chosen_rewards > self.rejected_rewards).float()),
+            **_reward_metrics(self.chosen_rewards, self.rejected_rewards),
             "distance/policy_chosen": _mean(self.policy_chosen_distance),
             "distance/ref_chosen": _mean(self.ref_chosen_distance),
             "distance/policy_rejected": _mean(self.policy_rejected_distance),

@@ -73,8 +73,17 @@ def is_done(run: RunDir, task: StageTask) -> bool:
     return is_complete(out, config_hash=run.config_hash, options=StoreOptions.from_config(run.config.store))
 
 
-def log_path(run: RunDir, task: StageTask) -> Path:
-    return run.logs_dir / f"iter_{task.iteration:02d}" / f"{task.stage}_{task.shard:05d}.log"
+def task_rank() -> int:
+    """This process's rank in a multi-task job (training); 0 otherwise."""
+    for var in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def log_path(run: RunDir, task: StageTask, rank: int = 0) -> Path:
+    suffix = f".rank{rank}" if rank else ""  # one log per rank of a multi-task job
+    return run.logs_dir / f"iter_{task.iteration:02d}" / f"{task.stage}_{task.shard:05d}{suffix}.log"
 
 
 @contextmanager
@@ -100,7 +109,8 @@ def run_task(task: StageTask) -> dict[str, Any]:
         log.info("%s: already complete at %s, skipping", task.name, out)
         return {"task": task.name, "skipped": True, "output": str(out)}
     job = importlib.import_module(f"jobs.{task.stage}")
-    with task_log(log_path(run, task)):
+    rank = task_rank()
+    with task_log(log_path(run, task, rank)):
         env = {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
                                           "SLURM_RESTART_COUNT") if k in os.environ}
         log.info("%s: start on %s %s -> %s", task.name, socket.gethostname(), env, out)
@@ -108,7 +118,8 @@ def run_task(task: StageTask) -> dict[str, Any]:
         stats = job.run(run, task.iteration, task.shard)
         stats.update(task=task.name, output=str(out), seconds=round(time.time() - t0, 3),
                      host=socket.gethostname(), **env)
-        atomic_write_text(log_path(run, task).with_suffix(".stats.json"), json.dumps(stats, indent=2) + "\n")
+        if rank == 0:
+            atomic_write_text(log_path(run, task).with_suffix(".stats.json"), json.dumps(stats, indent=2) + "\n")
         log.info("%s: done in %.1f s: %s", task.name, stats["seconds"], stats)
     return stats
 

@@ -1,0 +1,554 @@
+"""The pieces of preference training that ``jobs/train.py`` strings together, each small and testable.
+
+- :class:`PairsFile` reads a validated ``pairs.h5`` batch by batch (per-pair scalars in memory; tokens and
+  features fetched from disk per micro-batch), :class:`DataOrder` fixes which pairs each rank sees.
+- :class:`Policy` puts the backend's trainable modules under one ``nn.Module`` for DeepSpeed and runs the
+  policy forward (chosen and rejected in ONE forward for discrete LMMs).
+- :func:`reference_values` takes the stored reference values, or runs the fallback reference forward.
+- :func:`pair_loss` dispatches to :mod:`silmm.losses` (DPO / IPO / KC-DPO / SFT).
+- :func:`deepspeed_config`, :class:`WarmupCosine`, :class:`Checkpoints`, :class:`StopRequest`,
+  :class:`MetricsLog`, :func:`export_model`: the engine, its schedule, resuming, preemption, logs, export.
+
+Batch arithmetic: one optimizer step consumes ``train.batch_size`` pairs (the global batch), whatever the
+world size. Each rank runs ``train.grad_accum`` micro-batches of
+
+    micro = train.batch_size / (train.grad_accum * world_size)      pairs per forward, per rank
+
+and DeepSpeed averages the gradients over micro-batches and ranks, so every optimizer step follows the
+mean loss over the global batch and the loss curve does not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import signal
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from silmm.config import CONTINUOUS_LOSSES, DISCRETE_LOSSES, Loss, SilmmConfig, TrainConfig
+from silmm.distributed import all_reduce_sum, barrier
+from silmm.fsutil import atomic_write_text
+from silmm.losses import dpo_loss, ipo_loss, kcdpo_loss, sft_continuous_loss, sft_discrete_loss
+from silmm.seeding import derive_seed
+from silmm.store import ShardError, StoreOptions, read_shard
+
+log = logging.getLogger(__name__)
+
+DONE = "DONE"  # written last into iter_K/model/: the driver's and `silmm inspect`'s completion marker
+REFERENCE_SOURCES = ("auto", "stored", "forward")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says where (step, micro-batch, pairs) and what to do."""
+
+
+# ---------------------------------------------------------------------------------------- batch math
+def micro_batch_size(batch_size: int, grad_accum: int, world_size: int) -> int:
+    """Pairs per forward on one rank: ``batch_size = micro * grad_accum * world_size``."""
+    per_step = grad_accum * world_size
+    if batch_size % per_step:
+        raise TrainingError(
+            f"train.batch_size={batch_size} is not divisible by train.grad_accum={grad_accum} x world size "
+            f"{world_size} = {per_step}: every rank needs whole micro-batches of equal size. Use a batch size "
+            f"that is a multiple of {per_step}, or change grad_accum / the number of ranks.")
+    return batch_size // per_step
+
+
+def check_loss(cfg: SilmmConfig, family: str) -> Loss:
+    """The configured loss, refused when it does not fit the backend or the pairs file's family."""
+    loss = cfg.train.loss
+    backend_family = "discrete" if cfg.discrete else "continuous"
+    if family != backend_family:
+        raise TrainingError(f"the pairs file holds {family} pairs but model.backend="
+                            f"{cfg.model.backend.value} is {backend_family}: pairs from another run?")
+    allowed = DISCRETE_LOSSES if cfg.discrete else CONTINUOUS_LOSSES
+    if loss not in allowed:
+        raise TrainingError(f"train.loss={loss.value} does not fit the {family} backend "
+                            f"'{cfg.model.backend.value}'; use one of {sorted(x.value for x in allowed)}")
+    return loss
+
+
+# ------------------------------------------------------------------------------------------ data order
+def order_seed(run_seed: int, iteration: int) -> int:
+    return derive_seed(run_seed, iteration, 0, 0, "train-order")
+
+
+class DataOrder:
+    """Which pair each global sample index reads: a fresh permutation of all pairs per epoch, seeded by
+    (data seed, epoch). Step s consumes global samples [s*B, (s+1)*B); within it, micro-batch m of rank r
+    is chunk ``m * world + r``. Depends on nothing but the seed and the counts, so a resumed run reads
+    exactly what the uninterrupted one read."""
+
+    def __init__(self, num_pairs: int, seed: int):
+        self.num_pairs = num_pairs
+        self.seed = seed
+        self._cached: tuple[int, np.ndarray] | None = None  # one epoch's permutation (millions of pairs)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs))
+        return self._cached[1]
+
+    def rows(self, start: int, count: int) -> np.ndarray:
+        """Pair rows of global samples [start, start + count)."""
+        out = np.empty(count, dtype=np.int64)
+        for i, g in enumerate(range(start, start + count)):
+            epoch, pos = divmod(g, self.num_pairs)
+            out[i] = self.permutation(epoch)[pos]
+        return out
+
+    def micro_rows(self, step: int, micro_step: int, rank: int, micro: int, world_size: int,
+                   batch_size: int) -> np.ndarray:
+        chunk = micro_step * world_size + rank
+        return self.rows(step * batch_size + chunk * micro, micro)
+
+
+# ------------------------------------------------------------------------------------------ pairs file
+@dataclass
+class PairBatch:
+    """One micro-batch, already on the model's device. Reference fields are None when not stored."""
+
+    rows: np.ndarray  # pair rows in pairs.h5
+    prompts: list[str]
+    chosen_tokens: torch.Tensor | None = None  # [B, T]
+    rejected_tokens: torch.Tensor | None = None
+    chosen_ref_logps: torch.Tensor | None = None  # [B]
+    rejected_ref_logps: torch.Tensor | None = None
+    chosen_features: torch.Tensor | None = None  # [B, L, D]
+    rejected_features: torch.Tensor | None = None
+    ref_features: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class PairsFile:
+    """A validated ``pairs.h5``, read per micro-batch.
+
+    Opening checks it through :func:`silmm.store.read_shard` (stage, config hash, iteration, structure) and
+    refuses an empty file. Nothing else is loaded: each micro-batch reads its rows of every column it needs
+    (continuous runs have ~100 pairs per prompt, i.e. millions of pairs; their texts alone would be GBs).
+    """
+
+    def __init__(self, path: Path, config_hash: str, iteration: int, options: StoreOptions):
+        self.path = Path(path)
+        try:
+            shard = read_shard(self.path, "pairs", config_hash, iteration, options=options, columns=())
+        except ShardError as exc:
+            raise TrainingError(f"cannot train: {exc}") from None
+        self.num_pairs = shard.rows("pairs")
+        if self.num_pairs == 0:
+            raise TrainingError(f"{self.path}: holds no pairs; nothing to train on (check the scores and the "
+                                "pairs.* settings, then re-run the pairs stage)")
+        self._h5 = h5py.File(self.path, "r", locking=options.file_locking)
+        self.family = "discrete" if "chosen_tokens" in self._h5 else "continuous"
+        needed = ("chosen_tokens", "rejected_tokens") if self.family == "discrete" else (
+            "chosen_row", "rejected_row", "features")
+        missing = [c for c in needed if c not in self._h5]
+        if missing:
+            self.close()
+            raise TrainingError(f"{self.path}: {self.family} pairs without {missing}")
+
+    def __len__(self) -> int:
+        return self.num_pairs
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether the reference model's values were stored (then training runs no reference forward)."""
+        names = ("chosen_ref_logprob", "rejected_ref_logprob") if self.family == "discrete" else (
+            "ref_row", "ref_features")
+        return all(n in self._h5 for n in names)
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def _read(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """dataset[rows] for any order and repeats (h5py wants increasing, unique indices)."""
+        unique, inverse = np.unique(rows, return_inverse=True)
+        dset = self._h5[name]
+        values = dset.asstr()[unique] if h5py.check_string_dtype(dset.dtype) else dset[unique]
+        return values[inverse]
+
+    def _tensor(self, name: str, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(self._read(name, rows)).to(device)
+
+    def batch(self, rows: np.ndarray, device: torch.device, with_reference: bool) -> PairBatch:
+        b = PairBatch(rows=rows, prompts=[str(t) for t in self._read("text", rows)])
+        if self.family == "discrete":
+            b.chosen_tokens = self._tensor("chosen_tokens", rows, device).long()
+            b.rejected_tokens = self._tensor("rejected_tokens", rows, device).long()
+            if with_reference:
+                b.chosen_ref_logps = self._tensor("chosen_ref_logprob", rows, device).float()
+                b.rejected_ref_logps = self._tensor("rejected_ref_logprob", rows, device).float()
+            return b
+        b.chosen_features = self._tensor("features", self._read("chosen_row", rows), device).float()
+        b.rejected_features = self._tensor("features", self._read("rejected_row", rows), device).float()
+        if with_reference:
+            b.ref_features = self._tensor("ref_features", self._read("ref_row", rows), device).float()
+        return b
+
+
+def reference_source(requested: str, pairs: PairsFile, loss: Loss) -> str:
+    """'stored' (values from pairs.h5, no reference forward), 'forward' (reference() forward per batch) or
+    'none' (SFT needs no reference). 'auto' picks stored when the file has the values."""
+    if requested not in REFERENCE_SOURCES:
+        raise TrainingError(f"reference source must be one of {REFERENCE_SOURCES}, got {requested!r}")
+    if loss is Loss.sft:
+        return "none"
+    if requested == "stored" and not pairs.has_reference:
+        raise TrainingError(f"{pairs.path}: no stored reference values; use the reference forward instead")
+    if requested == "auto":
+        return "stored" if pairs.has_reference else "forward"
+    return requested
+
+
+# ---------------------------------------------------------------------------------------------- model
+def training_modules(backend: Any) -> dict[str, nn.Module]:
+    """The nn.Modules that own the backend's trainable parameters (and the frozen ones they use), so that
+    DeepSpeed can wrap them, cast them and, under ZeRO-3, partition them. The backend interface has no
+    accessor for these, so the attribute of each family is named here."""
+    if backend.family == "discrete":
+        return {"model": backend.model}  # Janus: peft injects LoRA in place, so .model holds it
+    return {"lmm": backend.lmm, "head": backend.head}  # dream: PeftModel(LLaVA) + queries/projector
+
+
+class Policy(nn.Module):
+    """The backend's modules under one nn.Module (what DeepSpeed wraps); ``forward`` is the policy pass.
+
+    Discrete: chosen and rejected sequences go through ONE forward (concatenated along the batch) and the
+    log-probs are summed over image positions only (the backend gathers the sampled token's logit and
+    subtracts a logsumexp: no full-vocabulary log-softmax is kept). Continuous: H for each distinct prompt
+    of the batch once (top-k x bottom-k pairs share prompts), then indexed per pair.
+    """
+
+    def __init__(self, backend: Any):
+        super().__init__()
+        self.parts = nn.ModuleDict(training_modules(backend))
+        self.backend = backend  # not an nn.Module: a plain attribute
+        owned = {id(p) for p in self.parameters()}
+        stray = [p.shape for p in backend.trainable_parameters() if id(p) not in owned]
+        if stray:
+            raise TrainingError(f"{type(backend).__name__}: {len(stray)} trainable parameters outside the modules "
+                                f"DeepSpeed wraps (shapes {stray[:3]}); silmm.trainer.training_modules is stale")
+
+    def forward(self, batch: PairBatch, chosen_only: bool = False) -> tuple[torch.Tensor, ...]:
+        if self.backend.family == "continuous":
+            slot = {p: i for i, p in enumerate(dict.fromkeys(batch.prompts))}  # first-seen order
+            index = torch.tensor([slot[p] for p in batch.prompts], device=batch.chosen_features.device)
+            return (self.backend.features(list(slot))[index],)
+        if chosen_only:
+            return (self.backend.sequence_logprobs(batch.prompts, batch.chosen_tokens),)
+        n = len(batch)
+        tokens = torch.cat([batch.chosen_tokens, batch.rejected_tokens])
+        logps = self.backend.sequence_logprobs(batch.prompts + batch.prompts, tokens)
+        return logps[:n], logps[n:]
+
+
+def reference_values(policy: Policy, batch: PairBatch, source: str) -> tuple[torch.Tensor, ...]:
+    """(ref chosen, ref rejected) log-probs, or (H_r,): stored in the batch, or one no-grad forward of the
+    model as loaded (``backend.reference()``: LoRA disabled, dream head as loaded)."""
+    if source == "none":
+        return ()
+    if source == "stored":
+        if policy.backend.family == "discrete":
+            return batch.chosen_ref_logps, batch.rejected_ref_logps
+        return (batch.ref_features,)
+    with torch.no_grad(), policy.backend.reference():
+        return tuple(t.detach() for t in policy(batch))
+
+
+def pair_loss(t: TrainConfig, loss: Loss, batch: PairBatch, policy_out: tuple[torch.Tensor, ...],
+              ref: tuple[torch.Tensor, ...]):
+    """The configured loss of :mod:`silmm.losses` on one micro-batch (an output with .losses/.metrics())."""
+    if loss is Loss.dpo:
+        return dpo_loss(*policy_out, *ref, beta=t.beta, label_smoothing=t.label_smoothing)
+    if loss is Loss.ipo:
+        return ipo_loss(*policy_out, *ref, beta=t.beta)
+    if loss is Loss.kcdpo:
+        return kcdpo_loss(policy_out[0], ref[0], batch.chosen_features, batch.rejected_features, gamma=t.gamma,
+                          aggregation=t.kernel_aggregation, distance=t.kernel_distance)
+    if batch.chosen_tokens is not None:  # SFT, discrete: mean NLL per image token
+        return sft_discrete_loss(policy_out[0], batch.chosen_tokens.shape[1])
+    return sft_continuous_loss(policy_out[0], batch.chosen_features, t.kernel_aggregation, t.kernel_distance)
+
+
+def step_seed(run_seed: int, iteration: int, step: int, chunk: int) -> int:
+    """The global RNG seed of one micro-batch (LoRA dropout): resuming re-seeds, so steps after a restart
+    draw what the uninterrupted run drew, without saving RNG states."""
+    return derive_seed(run_seed, iteration, step, chunk, "train-step")
+
+
+# --------------------------------------------------------------------------------------------- engine
+@dataclass(frozen=True)
+class WarmupCosine:
+    """LR factor of optimizer step s (0-based): linear warm-up to 1 over ``warmup`` steps, starting at
+    1/warmup (no step is wasted at lr 0), then cosine decay that would reach 0 at ``total``."""
+
+    warmup: int
+    total: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(self.total - self.warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def deepspeed_config(t: TrainConfig, micro: int, dtype: torch.dtype) -> dict[str, Any]:
+    """ZeRO stage ``t.zero_stage``, torch's AdamW (no FusedAdam JIT build), clipping, accumulation;
+    bf16/fp16 only when the model was loaded in that dtype (CUDA), fp32 otherwise."""
+    return {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": t.grad_accum,
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": t.weight_decay, "torch_adam": True}},
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 10**9,  # silmm logs itself
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(policy: Policy, t: TrainConfig, micro: int):
+    """DeepSpeed engine over the policy; the optimizer sees the backend's trainable parameters only."""
+    import deepspeed
+
+    # DeepSpeed calls torch.distributed functions that torch now marks deprecated, once per step under ZeRO-3
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
+    engine, *_ = deepspeed.initialize(
+        model=policy, model_parameters=policy.backend.trainable_parameters(),
+        config=deepspeed_config(t, micro, policy.backend.dtype),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(t.warmup_steps, t.max_steps)))
+    if t.zero_stage == 3 and policy.backend.family == "continuous":
+        # the dream queries are read directly (the head's forward never runs): have ZeRO-3 gather them
+        # whenever the policy runs
+        for p in policy.backend.head.parameters():
+            deepspeed.zero.register_external_parameter(policy, p)
+    return engine
+
+
+def grad_norm(engine: Any, step: int, checkpoints: Checkpoints) -> float | None:
+    """The global gradient norm of the step just taken (None when DeepSpeed did not compute one); a
+    non-finite norm stops training: the weights are now broken, so no checkpoint of them is written."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    norm = float(norm)
+    if not math.isfinite(norm):
+        raise TrainingError(f"non-finite gradient norm at step {step}; last good checkpoint: "
+                            f"{checkpoints.root / str(checkpoints.latest())}. Check the pairs or lower train.lr.")
+    return norm
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+class Checkpoints:
+    """DeepSpeed checkpoints in ``iter_K/train/checkpoints/step_NNNNNNNN``; only the newest is kept.
+
+    Frozen weights are left out (the loaded model supplies them): a checkpoint holds the trainable
+    weights, optimizer and scheduler states, and ``client_state["silmm"]`` (step, consumed samples, data
+    seed, batch layout), which a resume checks against the current run."""
+
+    def __init__(self, root: Path, is_main: bool):
+        self.root = Path(root)
+        self.is_main = is_main
+
+    def latest(self) -> str | None:
+        f = self.root / "latest"
+        return f.read_text().strip() if f.is_file() else None
+
+    def save(self, engine: Any, state: dict[str, Any]) -> str:
+        tag = f"step_{state['step']:08d}"
+        engine.save_checkpoint(str(self.root), tag=tag, client_state={"silmm": state},
+                               exclude_frozen_parameters=True)
+        barrier()  # every rank's files are written before an older checkpoint goes
+        if self.is_main:
+            for old in self.root.glob("step_*"):
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        return tag
+
+    def resume(self, engine: Any, expected: dict[str, Any]) -> dict[str, Any] | None:
+        """Load the newest checkpoint; None when there is none. Refuses one of another layout."""
+        tag = self.latest()
+        if tag is None:
+            return None
+        path, client = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=False)
+        if path is None:
+            raise TrainingError(f"{self.root / tag}: checkpoint could not be loaded; delete {self.root} to "
+                                "start this iteration's training over")
+        state = client.get("silmm", {})
+        wrong = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if wrong:
+            raise TrainingError(f"{self.root / tag}: written with a different layout {wrong} "
+                                "(checkpoint value, now); resume with the same world size and settings, "
+                                f"or delete {self.root} to start over")
+        return state
+
+
+# ---------------------------------------------------------------------------------------- preemption
+class StopRequest:
+    """SIGUSR2 / SIGTERM set a flag instead of killing the process; the loop checkpoints at the next step
+    boundary and then calls :meth:`exit`.
+
+    Under submitit the handler that was installed before ours is submitit's: calling it after the checkpoint
+    runs the task's ``checkpoint()``, requeues the job and exits (rank 0); on other ranks, or without
+    submitit, the process exits with 128 + the signal number."""
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if not self.signum:
+            log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
+        self.signum = signum
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals reach the main thread only: nothing to install
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handler)
+        try:
+            yield self
+        finally:
+            for sig, previous in self._previous.items():
+                signal.signal(sig, previous)
+
+    def exit(self, step: int, where: str) -> None:
+        name = signal.Signals(self.signum).name
+        log.warning("stopped by %s after step %d; checkpoint %s; a restart resumes from it", name, step, where)
+        previous = self._previous.get(self.signum)
+        if callable(previous):
+            previous(self.signum, None)  # submitit: checkpoint() + requeue + exit on rank 0
+        raise SystemExit(128 + self.signum)
+
+
+# -------------------------------------------------------------------------------------------- metrics
+class MetricsLog:
+    """Rank 0 appends one JSON line per logged step to ``metrics.jsonl`` (and TensorBoard scalars when
+    ``torch.utils.tensorboard`` imports). On resume, lines after the resumed step are dropped first: they
+    came from steps that are run again."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open across the loop
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return
+        self._tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._fh.write(json.dumps({"step": step, **values}) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._fh.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+class StepMetrics:
+    """Sums of micro-batch means on this rank; :meth:`reduce` gives the global-batch means (all micro-batches
+    have the same size, so the mean of their means is the mean over the global batch)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, loss: float, metrics: dict[str, float]) -> None:
+        for k, v in {"loss": loss, **metrics}.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def reduce(self, device: torch.device, stop: int) -> tuple[dict[str, float], bool]:
+        """(global means, whether any rank asked to stop): one all-reduce per optimizer step."""
+        keys = sorted(self.sums)
+        vec = torch.tensor([self.sums[k] for k in keys] + [self.count, float(stop > 0)], dtype=torch.float64,
+                           device=device)
+        all_reduce_sum(vec)
+        count = vec[-2].item()
+        return {k: vec[i].item() / count for i, k in enumerate(keys)}, vec[-1].item() > 0
+
+
+def check_finite(losses: torch.Tensor, rows: np.ndarray, step: int, micro_step: int, rank: int, world_size: int,
+                 last_checkpoint: str | None, checkpoints_dir: Path) -> None:
+    """Stop every rank together, before backward, when any rank's loss is NaN or infinite; name the step,
+    the micro-batch and the pair rows of pairs.h5 that gave it."""
+    bad_local = np.flatnonzero(~torch.isfinite(losses.detach()).cpu().numpy())
+    flags = torch.zeros(world_size, dtype=torch.float64, device=losses.device)
+    flags[rank] = float(len(bad_local) > 0)
+    all_reduce_sum(flags)
+    if not flags.any():
+        return
+    bad_ranks = torch.nonzero(flags).flatten().tolist()
+    here = f"pairs.h5 rows {rows[bad_local].tolist()}" if len(bad_local) else f"rank(s) {bad_ranks}"
+    kept = f"last good checkpoint: {checkpoints_dir / last_checkpoint}" if last_checkpoint else \
+        "no checkpoint was written yet"
+    raise TrainingError(f"non-finite loss at step {step + 1} (micro-batch {micro_step + 1}, batch of {here}); "
+                        f"{kept}. Check those pairs' stored reference values and features, or lower train.lr.")
+
+
+# --------------------------------------------------------------------------------------------- export
+@contextmanager
+def gathered(engine: Any, zero_stage: int) -> Iterator[None]:
+    """Under ZeRO-3 every rank holds a slice of each weight: gather them all (every rank takes part)
+    before anything reads or writes them; ZeRO 0-2 keep whole weights on every rank."""
+    if zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        yield
+
+
+def export_model(engine: Any, policy: Policy, zero_stage: int, adapter_dir: Path, model_dir: Path,
+                 is_main: bool, done_info: dict[str, Any], log_fn: Callable[[str], None] = log.info) -> None:
+    """Adapter to ``adapter_dir``; merged weights to ``model_dir`` in the input's layout; ``DONE`` last."""
+    backend = policy.backend
+    with gathered(engine, zero_stage):
+        if is_main:
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+            backend.save_adapter(adapter_dir)
+            if model_dir.exists():  # a partial export of an earlier attempt (no DONE, or we would not be here)
+                shutil.rmtree(model_dir)
+            backend.merge_and_save(model_dir)
+            atomic_write_text(model_dir / DONE, json.dumps(done_info, indent=2) + "\n")
+            log_fn(f"wrote adapter {adapter_dir} and merged model {model_dir}")
+    barrier()

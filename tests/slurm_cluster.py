@@ -84,6 +84,8 @@ def _script_env(base: Path) -> dict[str, str]:
         SLURM_LOCAL_PORT_BASE=str(PORT_BASE),
         SLURM_LOCAL_LINK_ETC="0",
         SLURM_LOCAL_ACCOUNTING="1",  # submitit needs sacct to see cancelled jobs
+        # advertise 4 CPUs on 2 cores: a detached driver job (1 CPU) and a 2-task training job fit at once
+        SLURM_LOCAL_CPUS="4",
     )
     return env
 

@@ -104,3 +104,60 @@ def test_failing_task_reported_with_slurm_log(slurm_cluster, tiny_checkpoints, t
     msg = str(err.value)
     assert "iter_01/questions/shard_00000: failed after 2 attempt(s)" in msg
     assert "not a readable HDF5 file" in msg and "job output:" in msg and "_0_log.err" in msg
+
+
+def test_detached_driver_runs_a_full_iteration_with_two_task_training(slurm_cluster, tiny_checkpoints, tmp_path):
+    """`silmm run --detach`: the driver is itself a Slurm job; stages run as arrays, training as 2 tasks
+    (srun, gloo), and its losses match a world-size-1 run on the same pairs."""
+    import json
+    import shutil
+
+    ckpt = tiny_checkpoints("janus")
+    args = [f"run.root={tmp_path}", "run.name=run", f"model.path={ckpt}", *PROFILE, "executor.default.time_min=20",
+            "prompts.count=4", "sharding.prompts_per_shard=2", "sampling.samples_per_prompt=3",
+            "sampling.batch_size=3", "questions.max_new_tokens=12", "train.max_steps=3", "train.warmup_steps=1",
+            "train.batch_size=2", "train.grad_accum=1", "train.log_every=1", "train.lora.r=4",
+            "train.lora.alpha=4", "train.lora.dropout=0", "executor.stages.train.tasks_per_node=2"]
+    proc = subprocess.run([sys.executable, "-m", "silmm", "run", "configs/tiny_discrete.yaml", *args, "--detach"],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert "driver submitted as Slurm job" in proc.stdout
+    run_path = tmp_path / "run"
+    deadline = time.time() + 600
+
+    def finished() -> bool:  # the driver marks the iteration done after its last stage
+        state = run_path / "state.json"
+        return state.exists() and "iter_01" in json.loads(state.read_text()).get("done", {})
+
+    while not finished() and time.time() < deadline:
+        time.sleep(2)
+    assert finished() and (run_path / "iter_01" / "model" / "DONE").exists(), (run_path / "jobs.json").read_text()
+    from silmm.rundir import RunDir
+
+    run = RunDir.open(run_path)
+    assert verify_run(run) == []
+    book = JobBook.load(run).entries
+    assert all(e["kind"] == "slurm" and e["state"] == "done" for e in book.values())
+    status = describe_status(run)
+    assert all(f"{stage:9s} done" in status for stage in ("prompts", "samples", "pairs", "train"))
+    assert "failed 1" not in status
+    # both ranks of the training job ran: one log per rank
+    logs = sorted(p.name for p in (run_path / "logs" / "iter_01").glob("train_00000*.log"))
+    assert logs == ["train_00000.log", "train_00000.rank1.log"]
+
+    # world size 1 on the same pairs (same config hash: only executor keys differ)
+    from silmm import config as C
+
+    local = RunDir.create_or_open(C.load(ROOT / "configs" / "tiny_discrete.yaml",
+                                         [*args, f"run.root={tmp_path / 'ws1'}", "executor.kind=local"]))
+    assert local.config_hash == run.config_hash
+    local.iter_dir(1).mkdir(parents=True)
+    shutil.copy(run.pairs_path(1), local.pairs_path(1))
+    run_task(StageTask(str(local.path), 1, "train"))
+
+    def losses(r):
+        return [json.loads(line)["loss"] for line in (r.train_dir(1) / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(run)) == 3
+    np_losses = list(zip(losses(run), losses(local), strict=True))
+    assert all(abs(a - b) < 1e-5 for a, b in np_losses), np_losses

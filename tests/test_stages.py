@@ -233,3 +233,36 @@ def test_usr2_flushes_unflushed_progress_and_resume_is_identical(tiny_checkpoint
     assert len(writer.done) in (8, 16)  # flushed by the handler, not by the flush interval (100)
     run_task(StageTask(str(run.path), 1, "questions", 0))
     assert shard_content(run.shard_path(1, "questions", 0)) == shard_content(ref.shard_path(1, "questions", 0))
+
+
+def test_prompt_files_and_best_worst_images_through_the_stages(tiny_checkpoints, tmp_path):
+    """prompts.source=files and sampling.store_images=best_worst: samples keep no images, scoring decodes
+    the stored tokens again with the same seeds, and keeps the PNG of each prompt's best and worst."""
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    (folder / "color_val.txt").write_text("A red apple\nA blue cup\n\nA red apple\n")
+    (folder / "spatial_val.txt").write_text("A cat on the left of a dog\n")
+    run = tiny_run(tmp_path / "r", tiny_checkpoints("janus"), "janus", "prompts.source=files",
+                   f"prompts.files={folder}", "sharding.prompts_per_shard=2", "sampling.store_images=best_worst")
+    run_task(StageTask(str(run.path), 1, "prompts", 0))
+    first = read(run, "prompts", 0)
+    assert first.meta.shard_count == 2 and first.meta.extra["file_counts"] == {"empty": 1, "duplicate": 1,
+                                                                                  "kept": 3}
+    for stage in STAGES:
+        for shard in range(2):
+            run_task(StageTask(str(run.path), 1, stage, shard))
+    texts = [t for i in range(2) for t in read(run, "prompts", i)["text"]]
+    assert texts == ["A red apple", "A blue cup", "A cat on the left of a dog"]
+    samples, scores = read(run, "samples", 0), read(run, "scores", 0)
+    assert all(len(b) == 0 for b in samples["image_png"])
+    model = load_backend(run, 1)
+    n = run.config.sampling.samples_per_prompt
+    for start in range(0, len(scores["score"]), n):
+        rows = range(start, start + n)
+        kept = [r for r in rows if len(scores["image_png"][r])]
+        order = np.argsort(-scores["score"][start:start + n], kind="stable")
+        assert sorted(kept) == sorted({start + int(order[0]), start + int(order[-1])})
+        r = kept[0]
+        seed = derive_seed(0, 1, int(samples["prompt_id"][r]), int(samples["sample_index"][r]), "decode")
+        again = model.decode(torch.from_numpy(samples["tokens"][r: r + 1]), [seed])[0]
+        assert np.array_equal(from_png(scores["image_png"][r]), again)

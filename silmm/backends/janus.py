@@ -303,10 +303,19 @@ class JanusBackend(LMMBackend):
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.tokenizer(t)["input_ids"] for t in texts]
 
+    def _generation_row(self, prompt: str) -> list[int]:
+        # rendering the chat template costs more than a tiny model's forward, and training asks for the
+        # same prompts again and again (chosen and rejected share one): keep the token ids per prompt
+        cache = self.__dict__.setdefault("_generation_rows", {})
+        if prompt not in cache:
+            if len(cache) > 100_000:
+                cache.clear()
+            cache[prompt] = self._encode([self._chat(prompt, system=False)])[0] + [self.boi_id]
+        return cache[prompt]
+
     def _generation_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image-generation inputs as Janus builds them: chat turn, no system prompt, then <begin_of_image>."""
-        rows = self._encode([self._chat(p, system=False) for p in prompts])
-        rows = [r + [self.boi_id] for r in rows]
+        rows = [self._generation_row(p) for p in prompts]
         ids, mask = left_pad(rows, self.pad_id)
         return ids.to(self.device), mask.to(self.device)
 

@@ -87,7 +87,7 @@ def cancel(run: RunDir) -> list[str]:
     for e in book.values():
         if e.get("kind") == "local" and e["state"] in ("pending", "running") and str(e.get("job_id", "")).isdigit():
             try:
-                os.kill(int(e["job_id"]), signal.SIGTERM)
+                os.kill(int(e["job_id"]), signal.SIGINT)  # as submitit's LocalJob.cancel: jobs ignore SIGTERM
                 cancelled.append(f"local job {e['job_id']}")
             except ProcessLookupError:
                 pass

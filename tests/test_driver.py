@@ -96,3 +96,33 @@ def test_cli_run_refuses_bad_config_before_writing(tmp_path):
                           cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 2 and "feedback.method" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cancel_stops_the_driver_and_its_local_jobs(tiny_checkpoints, tmp_path):
+    root = os.path.dirname(os.path.dirname(__file__))
+    args = [f"run.root={tmp_path}", "run.name=c", f"model.path={tiny_checkpoints('dream')}", "model.backend=dream",
+            "prompts.count=64", "sharding.prompts_per_shard=64", "sampling.samples_per_prompt=8",
+            "sampling.decoder_steps=20", "executor.poll_interval_s=0.2"]
+    driver = subprocess.Popen([sys.executable, "-m", "silmm", "run", "configs/tiny_dream.yaml", *args], cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    book = tmp_path / "c" / "jobs.json"
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and driver.poll() is None:
+        if book.exists() and "samples" in book.read_text():
+            break
+        time.sleep(0.2)
+    job_pid = int(json.loads(book.read_text())["iter_01/samples/00000"]["job_id"])
+    proc = subprocess.run([sys.executable, "-m", "silmm", "cancel", str(tmp_path / "c")], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and f"local job {job_pid}" in proc.stdout and "driver pid" in proc.stdout
+    _, err = driver.communicate(timeout=60)
+    assert driver.returncode == 1 and "driver stopped by a signal" in err
+    deadline = time.time() + 30
+    while time.time() < deadline and os.path.exists(f"/proc/{job_pid}") and \
+            open(f"/proc/{job_pid}/stat").read().split()[2] != "Z":
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{job_pid}") or open(f"/proc/{job_pid}/stat").read().split()[2] == "Z"
+    assert not (tmp_path / "c" / "driver.lock").exists()
+    assert not (tmp_path / "c" / "iter_01" / "samples" / "shard_00000.h5").exists()

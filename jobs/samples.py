@@ -25,16 +25,14 @@ from silmm.images import to_png
 from silmm.models import load_backend
 from silmm.rundir import RunDir
 from silmm.seeding import derive_seed
-from silmm.store import StoreOptions, read_shard
-from silmm.tasks import open_writer, progress
+from silmm.tasks import open_writer, progress, read_input
 
 log = logging.getLogger("jobs.samples")
 
 
 def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     cfg, s = run.config, run.config.sampling
-    prompts = read_shard(run.shard_path(iteration, "prompts", shard), stage="prompts", config_hash=run.config_hash,
-                         iteration=iteration, options=StoreOptions.from_config(cfg.store))
+    prompts = read_input(run, iteration, "prompts", shard)
     ids, texts = [int(i) for i in prompts["prompt_id"]], list(prompts["text"])
     writer = open_writer(run, iteration, "samples", shard, prompts.meta.shard_count)
     todo = [k for k, pid in enumerate(ids) if pid not in writer.done]

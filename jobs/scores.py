@@ -24,19 +24,15 @@ from silmm.images import from_png, to_png
 from silmm.models import load_backend
 from silmm.rundir import RunDir
 from silmm.seeding import derive_seed
-from silmm.store import StoreOptions, read_shard
-from silmm.tasks import open_writer, progress
+from silmm.tasks import open_writer, progress, read_input
 
 log = logging.getLogger("jobs.scores")
 
 
 def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     cfg = run.config
-    opts = StoreOptions.from_config(cfg.store)
-    samples = read_shard(run.shard_path(iteration, "samples", shard), stage="samples", config_hash=run.config_hash,
-                         iteration=iteration, options=opts)
-    questions = read_shard(run.shard_path(iteration, "questions", shard), stage="questions",
-                           config_hash=run.config_hash, iteration=iteration, options=opts)
+    samples = read_input(run, iteration, "samples", shard)
+    questions = read_input(run, iteration, "questions", shard)
     q_of = _questions_by_prompt(questions)
     rows_of: dict[int, list[int]] = {}
     for row, pid in enumerate(samples["prompt_id"]):

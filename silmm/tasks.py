@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from silmm.fsutil import atomic_write_text
 from silmm.rundir import RunDir
-from silmm.store import ShardMeta, ShardWriter, StoreOptions, is_complete
+from silmm.store import Shard, ShardMeta, ShardWriter, StoreOptions, is_complete, read_shard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,6 +122,12 @@ def run_task(task: StageTask) -> dict[str, Any]:
             atomic_write_text(log_path(run, task).with_suffix(".stats.json"), json.dumps(stats, indent=2) + "\n")
         log.info("%s: done in %.1f s: %s", task.name, stats["seconds"], stats)
     return stats
+
+
+def read_input(run: RunDir, iteration: int, stage: str, shard: int) -> Shard:
+    """An earlier stage's shard, validated against this run (hash, iteration, stage)."""
+    return read_shard(run.shard_path(iteration, stage, shard), stage=stage, config_hash=run.config_hash,
+                      iteration=iteration, options=StoreOptions.from_config(run.config.store))
 
 
 def open_writer(run: RunDir, iteration: int, stage: str, shard: int, shard_count: int,

@@ -58,6 +58,8 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
                 with torch.no_grad(), backend.reference():
                     ref_logprobs.append(backend.sequence_logprobs(batch_prompts, z).float().cpu())
         z_all = torch.cat(values)
+        if backend.family == "discrete":
+            ref_all = torch.cat(ref_logprobs).numpy()
         if backend.family == "continuous":
             with torch.no_grad(), backend.reference():
                 ref_features = backend.features([texts[k] for k in group]).float().cpu().numpy()
@@ -69,7 +71,7 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
             }
             if backend.family == "discrete":
                 record["tokens"] = z_all[rows].cpu().numpy().astype(np.int64)
-                record["ref_logprob"] = torch.cat(ref_logprobs)[rows].numpy()
+                record["ref_logprob"] = ref_all[rows]
             else:
                 record["features"] = z_all[rows].float().cpu().numpy()
                 record["ref_prompt_id"] = [ids[k]]

@@ -28,7 +28,6 @@ from silmm.executors import make_executor, parallelism, split_arrays
 from silmm.fsutil import atomic_write_text
 from silmm.models import ensure_base_model
 from silmm.rundir import SHARD_STAGES, RunDir
-from silmm.store import read_shard
 from silmm.tasks import StageTask, is_done, log_path
 
 log = logging.getLogger(__name__)
@@ -159,15 +158,8 @@ class Driver:
     def run_stage(self, iteration: int, stage: str) -> None:
         if stage == "prompts" and self.cfg.prompts.source is PromptSource.files:
             self._run_tasks(iteration, stage, [0])  # the files decide how many shards there are
-        shards = list(range(self.num_shards(iteration))) if stage in SHARD_STAGES else [0]
+        shards = list(range(self.run.num_shards(iteration))) if stage in SHARD_STAGES else [0]
         self._run_tasks(iteration, stage, shards)
-
-    def num_shards(self, iteration: int) -> int:
-        if self.cfg.prompts.source is PromptSource.generate:
-            return self.cfg.num_shards
-        first = read_shard(self.run.shard_path(iteration, "prompts", 0), "prompts", self.run.config_hash, iteration,
-                           columns=())
-        return first.meta.shard_count
 
     # submission, polling, retries ---------------------------------------------------------------
     def _run_tasks(self, iteration: int, stage: str, shards: list[int]) -> None:

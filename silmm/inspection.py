@@ -54,7 +54,7 @@ class StageStatus:
 
 def stage_status(run: RunDir, iteration: int, stage: str, full: bool = False) -> StageStatus:
     """Look at one stage of one iteration on disk. `full` also checks checksums."""
-    expected = run.config.num_shards
+    expected = run.num_shards(iteration) or 1  # prompt files: unknown until the first prompts shard exists
     if stage == "pairs":
         files = [run.pairs_path(iteration)] if run.pairs_path(iteration).exists() else []
         expected = 1

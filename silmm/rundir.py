@@ -106,6 +106,21 @@ class RunDir:
     def logs_dir(self) -> Path:
         return self.path / "logs"
 
+    def num_shards(self, iteration: int) -> int | None:
+        """Shards of each sharded stage: from the config for generated prompts; with prompt files the
+        files decide, as recorded by the first prompts shard (None until it exists)."""
+        from silmm.config import PromptSource
+        from silmm.store import ShardError, read_shard
+
+        if self.config.prompts.source is PromptSource.generate:
+            return self.config.num_shards
+        try:
+            first = read_shard(self.shard_path(iteration, "prompts", 0), "prompts", self.config_hash, iteration,
+                               columns=())
+        except ShardError:
+            return None
+        return first.meta.shard_count
+
     def iterations_on_disk(self) -> list[int]:
         out = []
         for p in self.path.glob("iter_*"):

@@ -25,3 +25,10 @@ def tiny_config(root: Path, ckpt: Path, backend: str, *overrides: str) -> C.Silm
 
 def tiny_run(root: Path, ckpt: Path, backend: str, *overrides: str) -> RunDir:
     return RunDir.create_or_open(tiny_config(root, ckpt, backend, *overrides))
+
+
+def break_prompts_shard(run: RunDir, shard: int = 0) -> None:
+    """Put garbage where a prompts shard belongs: the questions task of that shard then fails."""
+    bad = run.shard_path(1, "prompts", shard)
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(b"not hdf5")

@@ -12,7 +12,7 @@ from silmm.driver import Driver, DriverError, JobBook, driver_lock
 from silmm.executors import split_arrays
 from silmm.inspection import verify_run
 from silmm.status import describe_status
-from tests.helpers import tiny_run
+from tests.helpers import break_prompts_shard, tiny_run
 
 FAST = ("executor.poll_interval_s=0.1",)
 
@@ -48,9 +48,7 @@ def test_local_executor_submits_only_missing_shards(tiny_checkpoints, tmp_path):
 def test_failing_task_is_retried_then_reported_with_its_log(tiny_checkpoints, tmp_path):
     run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus", "executor.kind=local", "executor.retries=1",
                    *FAST)
-    bad = run.shard_path(1, "prompts", 0)
-    bad.parent.mkdir(parents=True)
-    bad.write_bytes(b"not hdf5")  # the questions task of shard 0 cannot read its input
+    break_prompts_shard(run)
     from silmm.tasks import StageTask, run_task
 
     run_task(StageTask(str(run.path), 1, "prompts", 1))

@@ -15,8 +15,8 @@ from silmm.executors import make_executor
 from silmm.inspection import verify_run
 from silmm.status import describe_status
 from silmm.tasks import StageTask, run_task
-from tests.helpers import tiny_config, tiny_run
-from tests.test_stages import shard_content
+from tests.helpers import break_prompts_shard, tiny_config, tiny_run
+from tests.test_store import content as shard_content
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ("executor.kind=slurm", "executor.default.partition=debug", "executor.default.mem_gb=2",
@@ -95,9 +95,7 @@ def test_killed_driver_rerun_redoes_nothing_finished(slurm_cluster, tiny_checkpo
 
 def test_failing_task_reported_with_slurm_log(slurm_cluster, tiny_checkpoints, tmp_path):
     run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus", *PROFILE, "executor.retries=1")
-    bad = run.shard_path(1, "prompts", 0)
-    bad.parent.mkdir(parents=True)
-    bad.write_bytes(b"garbage")
+    break_prompts_shard(run)
     run_task(StageTask(str(run.path), 1, "prompts", 1))
     with pytest.raises(DriverError) as err:
         Driver(run).run_stage(1, "questions")

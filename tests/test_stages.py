@@ -15,11 +15,12 @@ import torch
 from silmm import feedback as F
 from silmm import store as S
 from silmm.images import from_png
-from silmm.inspection import verify_run
+from silmm.inspection import stage_status, verify_run
 from silmm.models import load_backend
 from silmm.seeding import derive_seed
 from silmm.tasks import StageTask, run_task
 from tests.helpers import tiny_run
+from tests.test_store import content as shard_content
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("prompts", "questions", "samples", "scores")
@@ -156,12 +157,6 @@ def test_pairs_refuses_missing_shards_with_a_list(tiny_checkpoints, tmp_path):
     assert "4 shard(s) missing or bad" in msg and "samples/shard_00001.h5" in msg and "scores/shard_00000.h5" in msg
 
 
-def shard_content(path):
-    shard = S.read_shard(path)
-    return {k: [bytes(x) if not isinstance(x, str) else x for x in v] if v.dtype == object else v.tobytes()
-            for k, v in shard.data.items()}
-
-
 @pytest.mark.slow
 def test_killed_samples_task_resumes_to_identical_shard(tiny_checkpoints, tmp_path):
     ckpt = tiny_checkpoints("janus")
@@ -252,6 +247,8 @@ def test_prompt_files_and_best_worst_images_through_the_stages(tiny_checkpoints,
         for shard in range(2):
             run_task(StageTask(str(run.path), 1, stage, shard))
     texts = [t for i in range(2) for t in read(run, "prompts", i)["text"]]
+    status = stage_status(run, 1, "samples")  # the files, not prompts.count (6), decide the shard count
+    assert status.expected == 2 and status.missing == 0 and len(status.done) == 2
     assert texts == ["A red apple", "A blue cup", "A cat on the left of a dog"]
     samples, scores = read(run, "samples", 0), read(run, "scores", 0)
     assert all(len(b) == 0 for b in samples["image_png"])

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
-CONFIG ?= configs/tiny_discrete.yaml
+CONFIG ?= configs/toy.yaml
 PYTEST_ARGS ?=
 
 .PHONY: venv run test lint clean-venv

@@ -38,6 +38,14 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     count, per_shard, seed = cfg.prompts.count, cfg.sharding.prompts_per_shard, cfg.run.seed
     ids = P.shard_range(count, per_shard, shard)
     categories = P.assign_categories(count, cfg.prompts.categories, derive_seed(seed, iteration, -1, 0, "categories"))
+    if cfg.prompts.source is PromptSource.toy:  # the toy world's grammar; held-out combinations never drawn
+        from silmm.toy import world
+
+        texts = P.template_prompts(categories, None, seed, iteration, compose_fn=lambda cat, rng: world.compose(
+            cat, rng, cfg.toy.held_out_fraction))
+        data = {"prompt_id": list(ids), "text": [texts[i] for i in ids], "category": [categories[i] for i in ids]}
+        _write(run, iteration, shard, P.shard_count(count, per_shard), data, {"source": "toy"})
+        return {"prompts": len(ids)}
 
     backend = None
     vocab_file = run.iter_dir(iteration) / "vocabulary.json"

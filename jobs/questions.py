@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from silmm import questions as Q
 from silmm.config import QuestionMethod
 from silmm.models import load_backend
@@ -35,7 +33,7 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     todo = [k for k, pid in enumerate(ids) if pid not in writer.done]
 
     backend = load_backend(run, iteration) if qcfg.method is QuestionMethod.self and todo else None
-    examples = Q.BUILTIN_EXAMPLES if qcfg.icl_examples is None else _read_examples(qcfg.icl_examples)
+    examples = Q.load_examples(qcfg.icl_examples)
     fallbacks = 0
     # batches never straddle a flush boundary, so a resumed task sees the batches the first one saw
     step = min(qcfg.batch_size, cfg.sharding.flush_every)
@@ -61,13 +59,6 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     path = writer.finish()
     log.info("wrote questions for %d prompts to %s (%d fell back to Prompt-Q this run)", len(ids), path, fallbacks)
     return {"prompts": len(ids), "computed": len(todo), "fallbacks": fallbacks}
-
-
-def _read_examples(path: str) -> list[tuple[str, list[str]]]:
-    data = OmegaConf.to_container(OmegaConf.load(path))
-    if not isinstance(data, list) or not all(isinstance(d, dict) and "prompt" in d and "questions" in d for d in data):
-        raise ValueError(f"{path}: questions.icl_examples must be a list of {{prompt: ..., questions: [...]}}")
-    return [(d["prompt"], list(d["questions"])) for d in data]
 
 
 if __name__ == "__main__":

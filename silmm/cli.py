@@ -25,6 +25,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from silmm.rundir import RunDir
 
     cfg = C.load(args.config, args.overrides, args.profile)  # every config error stops here, before any write
+    if cfg.toy.enabled:
+        from silmm.models import check_toy_cache
+
+        check_toy_cache(cfg)
     run = RunDir.create_or_open(cfg)
     print(f"run directory {run.path} (config {run.config_hash})", flush=True)
     if args.detach:
@@ -123,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=_cmd_inspect)
 
     tiny = sub.add_parser("make-tiny", help="build a tiny random checkpoint (tests, demos; no download)")
-    tiny.add_argument("backend", choices=["janus", "dream"])
+    tiny.add_argument("backend", choices=[b.value for b in C.Backend])
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_make_tiny)

@@ -29,9 +29,10 @@ class ConfigError(ValueError):
 class Backend(str, Enum):
     janus = "janus"  # discrete visual tokens (Janus / Janus-Pro)
     dream = "dream"  # continuous features, DreamLLM-style (LLaVA + dream queries + diffusion decoder)
+    fusion = "fusion"  # discrete, early fusion: one causal LM over words and VQ image codes (Chameleon/Emu3 form)
 
 
-DISCRETE_BACKENDS = {Backend.janus}
+DISCRETE_BACKENDS = {Backend.janus, Backend.fusion}
 
 
 class Dtype(str, Enum):
@@ -49,6 +50,7 @@ class Device(str, Enum):
 
 class PromptSource(str, Enum):
     generate = "generate"  # the LMM writes vocabulary + templates + in-context prompts
+    toy = "toy"  # the toy world's templates (colour binding, counting, spatial), held-out combinations excluded
     files = "files"  # one prompt per line, or a folder of T2I-CompBench-style category files
 
 
@@ -260,7 +262,7 @@ class StageResources:
     setup: list[str] = field(default_factory=list)  # e.g. "module load cuda", "source env/bin/activate"
 
 
-STAGES = ("prompts", "questions", "samples", "scores", "pairs", "train", "driver")  # driver: --detach job
+STAGES = ("pretrain", "prompts", "questions", "samples", "scores", "pairs", "train", "evaluate", "driver")  # driver: --detach job
 
 
 @dataclass
@@ -296,6 +298,39 @@ class LoggingConfig:
 
 
 @dataclass
+class ToyPretrainConfig:
+    """Pretraining of the toy early-fusion LMM on the toy world (jobs/pretrain.py); cached at model.path."""
+
+    steps: int = 2400
+    batch_size: int = 48  # per task kind and step: text->image, yes/no answers (and a quarter: questions)
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    # share of text->image examples whose image misses the prompt (a wrong colour, count, shape or
+    # relation), as captions of web images often do: the pretrained generator is imperfect by design,
+    # while its yes/no answers are trained on exact labels
+    caption_noise: float = 0.35
+    distractor_p: float = 0.3  # chance of an extra object of an unmentioned shape
+    checkpoint_every: int = 200
+    seed: int = 0
+    threads: int = 0  # torch threads (0: leave torch's default)
+
+
+@dataclass
+class ToyConfig:
+    """The toy world (silmm/toy): prompts, a pretrained toy LMM and the exact oracle's evaluation."""
+
+    enabled: bool = False
+    held_out_fraction: float = 0.2  # share of prompt combinations kept for evaluation only
+    eval_prompts: int = 96  # held-out prompts scored by the oracle after every iteration (and before)
+    eval_samples: int = 4  # images per evaluation prompt
+    grid_prompts: int = 6  # held-out prompts shown in the report's image grid
+    pretrain: ToyPretrainConfig = field(default_factory=ToyPretrainConfig)
+
+
+@dataclass
 class SilmmConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -309,6 +344,7 @@ class SilmmConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    toy: ToyConfig = field(default_factory=ToyConfig)
 
     @property
     def discrete(self) -> bool:
@@ -424,7 +460,7 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
         fail("run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
     if not cfg.model.path:
         fail("model.path", "is required: a checkpoint directory (make one with `silmm make-tiny`)")
-    if check_paths and not cfg.model.build_tiny_if_missing and not Path(cfg.model.path).is_dir():
+    if check_paths and not (cfg.model.build_tiny_if_missing or cfg.toy.enabled) and not Path(cfg.model.path).is_dir():
         fail("model.path", f"checkpoint directory {cfg.model.path} does not exist")
     p = cfg.prompts
     positive("prompts.count", p.count)
@@ -445,9 +481,11 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
     positive("sampling.temperature", s.temperature)
     if not 0 < s.top_p <= 1:
         fail("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+    if s.guidance_scale < 1.0:
+        fail("sampling.guidance_scale", f"must be >= 1 (1 = no classifier-free guidance), got {s.guidance_scale}")
     if s.top_k < 0:
         fail("sampling.top_k", f"must be >= 0 (0 = off), got {s.top_k}")
-    if cfg.discrete and s.guidance_scale <= 1.0:
+    if cfg.model.backend is Backend.janus and s.guidance_scale <= 1.0:
         fail("sampling.guidance_scale", f"Janus image generation needs > 1, got {s.guidance_scale}")
     if not 0 <= s.dropdiv_rate < 1:
         fail("sampling.dropdiv_rate", f"must be in [0, 1), got {s.dropdiv_rate}")
@@ -491,6 +529,27 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
         fail("train.label_smoothing", f"must be in [0, 0.5), got {t.label_smoothing}")
     if t.zero_stage not in (0, 1, 2, 3):
         fail("train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
+
+    toy = cfg.toy
+    if toy.enabled:
+        if cfg.model.backend is not Backend.fusion:
+            fail("model.backend", f"the toy world's LMM is an early-fusion model: use 'fusion', got '{cfg.model.backend.value}'")
+        if not 0 < toy.held_out_fraction < 1:
+            fail("toy.held_out_fraction", f"must be in (0, 1), got {toy.held_out_fraction}")
+        for key in ("eval_prompts", "eval_samples", "pretrain.steps", "pretrain.batch_size", "pretrain.lr",
+                    "pretrain.hidden", "pretrain.layers", "pretrain.heads", "pretrain.checkpoint_every"):
+            obj = toy
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            positive(f"toy.{key}", obj)
+        if not 0 <= toy.pretrain.caption_noise < 1:
+            fail("toy.pretrain.caption_noise", f"must be in [0, 1), got {toy.pretrain.caption_noise}")
+    if p.source is PromptSource.toy:
+        if not toy.enabled:
+            fail("prompts.source", "'toy' prompts need toy.enabled=true")
+        unknown = sorted(c for c, w in p.categories.items() if w > 0 and c not in ("color", "numeracy", "spatial"))
+        if unknown:
+            fail("prompts.categories", f"toy prompts have categories color, numeracy, spatial; got {unknown}")
 
     e = cfg.executor
     positive("executor.max_array_size", e.max_array_size)

@@ -33,6 +33,16 @@ from silmm.tasks import StageTask, is_done, log_path
 log = logging.getLogger(__name__)
 
 STAGE_ORDER = (*SHARD_STAGES, "pairs", "train")
+_USER_OMP_THREADS = os.environ.get("OMP_NUM_THREADS")  # as set before any driver changed it
+
+
+def _forget_process_group_env() -> None:
+    """Local jobs inherit this process's environment. If this process joined a process group itself (a
+    debug-executor train, or a test), its RANK/MASTER_PORT would send every local train job to a port
+    this process still holds (EADDRINUSE); the driver is not a rank, so its jobs start from none."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
 
 
 class DriverError(RuntimeError):
@@ -144,14 +154,23 @@ class Driver:
         self.book = JobBook.load(run)
         self.status_stream = status_stream
         self._stop = False
+        self._user_threads = _USER_OMP_THREADS is not None  # the user's own setting wins
 
     # the public story --------------------------------------------------------------------------
     def run_all(self) -> None:
+        toy = self.cfg.toy.enabled
+        if toy:  # the toy LMM is pretrained once (cached at model.path), then evaluated before any training
+            self._run_tasks(0, "pretrain", [0])
+            self._run_tasks(0, "evaluate", [0])
         ensure_base_model(self.cfg)  # once, before any task could race to build it
         for iteration in range(1, self.cfg.run.iterations + 1):
             for stage in STAGE_ORDER:
                 self.run_stage(iteration, stage)
+            if toy:
+                self._run_tasks(iteration, "evaluate", [0])
             self._mark_done(iteration)
+        if toy:
+            log.info("toy report: %s", self.run.path / "report" / "report.md")
         log.info("run %s: all %d iteration(s) done; final model in %s", self.run.path, self.cfg.run.iterations,
                  self.run.model_dir(self.cfg.run.iterations))
 
@@ -179,7 +198,7 @@ class Driver:
             room = limit - len(running)
             if queue and room > 0:
                 batch, queue = queue[:room], queue[room:]
-                self._submit(iteration, stage, batch)
+                self._submit(iteration, stage, batch, at_once=len(running) + len(batch))
             self._poll(tracked, queue)
             self._status_line(iteration, stage, tracked, t0)
             failed = [t for t in tracked if t.state == "failed"]
@@ -193,7 +212,12 @@ class Driver:
         self._end_status_line()
         log.info("iter %d %s: done in %.1f s", iteration, stage, time.time() - t0)
 
-    def _submit(self, iteration: int, stage: str, batch: list[Tracked]) -> None:
+    def _submit(self, iteration: int, stage: str, batch: list[Tracked], at_once: int = 1) -> None:
+        if self.cfg.executor.kind is ExecutorKind.local:
+            if not self._user_threads:
+                # local tasks share this machine's cores; more torch threads than cores makes every task crawl
+                os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(at_once, 1)))
+            _forget_process_group_env()
         executor = make_executor(self.run, iteration, stage)
         for chunk in split_arrays(batch, self.cfg.executor.max_array_size):
             if len(chunk) == 1:

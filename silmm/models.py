@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 BACKENDS: dict[Backend, tuple[str, str, str, str]] = {
     Backend.janus: ("silmm.backends.janus", "JanusBackend", "build_tiny_janus", "."),
     Backend.dream: ("silmm.backends.dream", "DreamBackend", "build_tiny_dream", "lmm"),
+    Backend.fusion: ("silmm.backends.fusion", "FusionBackend", "build_tiny_fusion", "."),
 }
 
 
@@ -44,10 +46,33 @@ def build_tiny(backend: Backend | str, out_dir: str | Path, seed: int = 0) -> Pa
 
 def ensure_base_model(cfg: SilmmConfig) -> None:
     path = Path(cfg.model.path)
+    if cfg.toy.enabled:
+        check_toy_cache(cfg)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: the toy LMM is not pretrained yet (the driver's pretrain stage writes it)")
+        return
     if cfg.model.build_tiny_if_missing and not path.exists():
         t0 = time.time()
         build_tiny(cfg.model.backend, path, seed=cfg.run.seed)
         log.info("built tiny %s checkpoint at %s in %.1f s", cfg.model.backend.value, path, time.time() - t0)
+
+
+def check_toy_cache(cfg: SilmmConfig) -> None:
+    """A cached pretrained toy LMM must come from the same settings: else a ConfigError naming what differs."""
+    from silmm.config import ConfigError
+    from silmm.questions import load_examples
+    from silmm.toy.pretrain import cache_key
+
+    record = Path(cfg.model.path) / "pretrain.json"
+    if not record.is_file():
+        return
+    have = json.loads(record.read_text()).get("key", {})
+    # through JSON, as stored: tuples become lists
+    want = json.loads(json.dumps(cache_key(cfg.toy, load_examples(cfg.questions.icl_examples))))
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if diff:
+        raise ConfigError(f"{record}: the cached toy LMM at model.path was pretrained with other settings "
+                          f"({', '.join(diff)} differ); delete {cfg.model.path} or choose another model.path")
 
 
 def model_path(run: RunDir, iteration: int) -> Path:

@@ -221,9 +221,12 @@ def assign_categories(count: int, weights: dict[str, float], seed: int) -> list[
     return order
 
 
-def template_prompts(categories: Sequence[str], vocab: Vocabulary, run_seed: int, iteration: int,
-                     max_tries: int = 20) -> dict[int, str]:
-    """Texts of every template-category prompt of the iteration, unique, keyed by prompt id."""
+def template_prompts(categories: Sequence[str], vocab: Vocabulary | None, run_seed: int, iteration: int,
+                     max_tries: int = 20, compose_fn: Callable[[str, random.Random], str] | None = None,
+                     ) -> dict[int, str]:
+    """Texts of every template-category prompt of the iteration, unique, keyed by prompt id.
+    ``compose_fn(category, rng)`` replaces the vocabulary templates (the toy world's grammar)."""
+    compose_fn = compose_fn or (lambda cat, rng: compose(cat, vocab, rng))
     out: dict[int, str] = {}
     seen: set[str] = set()
     for pid, cat in enumerate(categories):
@@ -231,7 +234,7 @@ def template_prompts(categories: Sequence[str], vocab: Vocabulary, run_seed: int
             continue
         for attempt in range(max_tries):
             rng = random.Random(derive_seed(run_seed, iteration, pid, attempt, "prompt"))
-            text = compose(cat, vocab, rng)
+            text = compose_fn(cat, rng)
             if text.lower() not in seen:
                 break
         seen.add(text.lower())  # after max_tries a duplicate is kept; first_occurrences drops it

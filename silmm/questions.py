@@ -24,6 +24,18 @@ _AUXILIARIES = ("is", "are", "does", "do", "can", "has", "have", "was", "were", 
 _NUMBERING = re.compile(r"^\s*(?:[-*•]|\(?\d+[.):]|q\d*[.:]|question\s*\d*[.:])\s*", re.IGNORECASE)
 
 
+def load_examples(path: str | None) -> list[tuple[str, list[str]]]:
+    """In-context examples: the built-in ones, or a YAML list of {prompt: ..., questions: [...]}."""
+    if path is None:
+        return BUILTIN_EXAMPLES
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(data, list) or not all(isinstance(d, dict) and "prompt" in d and "questions" in d for d in data):
+        raise ValueError(f"{path}: questions.icl_examples must be a list of {{prompt: ..., questions: [...]}}")
+    return [(d["prompt"], list(d["questions"])) for d in data]
+
+
 def question_request(prompt: str, examples: Sequence[tuple[str, Sequence[str]]] = BUILTIN_EXAMPLES) -> str:
     """In-context request: split the description into atomic concepts/relations, one question each."""
     parts = ["Split each image description into its objects, attributes, counts and relations, and write "

@@ -112,7 +112,7 @@ class RunDir:
         from silmm.config import PromptSource
         from silmm.store import ShardError, read_shard
 
-        if self.config.prompts.source is PromptSource.generate:
+        if self.config.prompts.source is not PromptSource.files:
             return self.config.num_shards
         try:
             first = read_shard(self.shard_path(iteration, "prompts", 0), "prompts", self.config_hash, iteration,

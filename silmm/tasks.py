@@ -58,6 +58,10 @@ class StageTask(submitit.helpers.Checkpointable):
 
 
 def output_path(run: RunDir, task: StageTask) -> Path:
+    if task.stage == "pretrain":
+        return Path(run.config.model.path) / "pretrain.json"
+    if task.stage == "evaluate":
+        return run.path / "eval" / f"iter_{task.iteration:02d}.json"
     if task.stage == "pairs":
         return run.pairs_path(task.iteration)
     if task.stage == "train":
@@ -68,7 +72,7 @@ def output_path(run: RunDir, task: StageTask) -> Path:
 def is_done(run: RunDir, task: StageTask) -> bool:
     """A task's completion test: its shard exists and validates (train: the exported model's marker)."""
     out = output_path(run, task)
-    if task.stage == "train":
+    if task.stage in ("train", "pretrain", "evaluate"):  # written last, atomically
         return out.is_file()
     return is_complete(out, config_hash=run.config_hash, options=StoreOptions.from_config(run.config.store))
 

@@ -170,6 +170,11 @@ def test_decode_shapes(backend):
 
 
 # ------------------------------------------------------------------------------------ text
+def test_write_text_needs_one_seed_per_prompt(backend):
+    with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
+        backend.write_text(PROMPTS, [0], max_new_tokens=3, temperature=1.0)
+
+
 def test_write_text(backend):
     state = torch.get_rng_state()
     greedy = backend.write_text(PROMPTS, [0, 1], max_new_tokens=6, temperature=0.0)

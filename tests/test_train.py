@@ -308,6 +308,27 @@ def _env() -> dict[str, str]:
     return env
 
 
+def test_local_train_job_ignores_the_drivers_own_process_group(tiny_checkpoints, janus_pairs, tmp_path,
+                                                               monkeypatch):
+    # A process that trained in-process (debug executor, these tests) keeps its group and its port; a local
+    # train job that inherited RANK/MASTER_PORT would fail with EADDRINUSE on every attempt.
+    import socket
+
+    from silmm.driver import Driver
+
+    run = make_run(tmp_path, tiny_checkpoints("janus"), "janus", janus_pairs, "train.max_steps=1",
+                   "executor.kind=local", "executor.retries=0", "executor.poll_interval_s=0.1")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(held.getsockname()[1])}.items():
+            monkeypatch.setenv(key, value)
+        Driver(run).run_stage(1, "train")
+        assert "MASTER_PORT" not in os.environ
+    assert (run.model_dir(1) / "DONE").is_file()
+
+
 def test_sigusr2_checkpoints_and_resume_repeats_the_uninterrupted_losses(tiny_checkpoints, janus_pairs, tmp_path):
     steps = ["train.max_steps=24", "train.checkpoint_every=2"]
     ckpt = tiny_checkpoints("janus")

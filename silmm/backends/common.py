@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -164,6 +165,67 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig, modules_to_save: list[s
         modules_to_save=modules_to_save, bias="none",
     )
     return get_peft_model(model, config)
+
+
+class InPlaceLora:
+    """LoRA on ``self.model`` through peft for backends whose whole policy is one module (Janus, early
+    fusion): peft injects the LoRA layers in place, so ``self.model`` keeps pointing at the adapted model,
+    and ``self.peft`` is the PeftModel wrapper (None without an adapter)."""
+
+    model: torch.nn.Module
+    peft = None
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """Inside: the model as loaded (the adapter disabled, not removed)."""
+        if self.peft is None:
+            yield
+            return
+        with self.peft.disable_adapter():
+            yield
+
+    def add_lora(self, lora: LoraConfig) -> None:
+        """LoRA on the modules ``lora.target_regex`` selects; everything else stays frozen."""
+        if self.peft is not None:
+            raise RuntimeError("a LoRA adapter is already attached; merge_and_save it first")
+        self.peft = apply_lora(self.model, lora)
+
+    def load_adapter(self, adapter_dir: str | Path, trainable: bool = True) -> None:
+        """Attach an adapter written by :meth:`save_adapter` (to resume training)."""
+        from peft import PeftModel
+
+        if self.peft is not None:
+            raise RuntimeError("a LoRA adapter is already attached")
+        self.peft = PeftModel.from_pretrained(self.model, str(adapter_dir), is_trainable=trainable)
+
+    def lora_module_names(self) -> list[str]:
+        return [name for name, module in self.model.named_modules() if hasattr(module, "lora_A")]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if self.peft is None:
+            raise RuntimeError("no LoRA adapter: call add_lora first")
+        return [p for p in self.peft.parameters() if p.requires_grad]
+
+    def save_adapter(self, out_dir: str | Path) -> None:
+        if self.peft is None:
+            raise RuntimeError("no LoRA adapter to save: call add_lora first")
+        self.peft.save_pretrained(str(out_dir), safe_serialization=True)
+
+    def merge_adapter(self) -> None:
+        """Fold the adapter into the weights; the backend keeps the merged model, without adapter."""
+        if self.peft is not None:
+            self.model = self.peft.merge_and_unload()
+            self.peft = None
+
+
+def per_image(p_yes: torch.Tensor, p_no: torch.Tensor,
+              questions: Sequence[Sequence[str]]) -> list[tuple]:
+    """Flat per-question probabilities -> [(p_yes [Q_i], p_no [Q_i]) float32 numpy] per image."""
+    out, k = [], 0
+    for qs in questions:
+        out.append((p_yes[k:k + len(qs)].numpy().astype("float32"), p_no[k:k + len(qs)].numpy().astype("float32")))
+        k += len(qs)
+    return out
 
 
 # ------------------------------------------------------------------------- per-sample randomness

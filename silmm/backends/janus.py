@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +36,14 @@ from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
 from silmm.backends.base import CheckpointError, LMMBackend
 from silmm.backends.common import (
-    apply_lora,
+    InPlaceLora,
     build_tiny_tokenizer,
     make_generators,
     multinomial_per_sample,
+    per_image,
     yes_no_token_ids,
 )
-from silmm.config import LogprobMode, LoraConfig, ModelConfig, SamplingConfig
+from silmm.config import LogprobMode, ModelConfig, SamplingConfig
 
 # The chat template of the official Janus-Pro conversion (transformers' convert_janus_weights_to_hf.py):
 # "<|User|>: <image_placeholder>\n{text}\n\n<|Assistant|>:". Used when a checkpoint carries none.
@@ -212,7 +212,7 @@ def check_checkpoint(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ backend
-class JanusBackend(LMMBackend):
+class JanusBackend(InPlaceLora, LMMBackend):
     """Janus / Janus-Pro as a SILMM policy.
 
     ``logprob_mode`` chooses what :meth:`sequence_logprobs` (the DPO log-likelihood) measures:
@@ -241,7 +241,6 @@ class JanusBackend(LMMBackend):
         self.model: JanusForConditionalGeneration = model.to(self.device).eval()
         self.model.requires_grad_(False)
         self.generation_config = self._generation_config(path)
-        self.peft = None
         self._init_tokens()
 
     @classmethod
@@ -330,6 +329,8 @@ class JanusBackend(LMMBackend):
     def write_text(self, prompts: list[str], seeds: list[int], max_new_tokens: int,
                    temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
         """Chat-formatted continuation; temperature 0 is greedy. Row b draws only from seeds[b]."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if not prompts:
             return []
         ids, mask = left_pad(self._encode([self._chat(p) for p in prompts]), self.pad_id)
@@ -493,11 +494,7 @@ class JanusBackend(LMMBackend):
                     rows = torch.tensor([owners.index(flat[j][0]) for j in sub], device=self.device)
                     y, n = self._answer(cache, len(prefix), rows, [suffixes[j] for j in sub])
                     p_yes[sub], p_no[sub] = y.cpu(), n.cpu()
-        out, k = [], 0
-        for qs in questions:
-            out.append((p_yes[k:k + len(qs)].numpy().astype(np.float32), p_no[k:k + len(qs)].numpy().astype(np.float32)))
-            k += len(qs)
-        return out
+        return per_image(p_yes, p_no, questions)
 
     # ------------------------------------------------------------------------------- training
     def sequence_logprobs(self, prompts: list[str], tokens: torch.Tensor) -> torch.Tensor:
@@ -530,49 +527,10 @@ class JanusBackend(LMMBackend):
         self.model.train(mode)
         self.model.model.vqmodel.eval()
 
-    @contextmanager
-    def reference(self) -> Iterator[None]:
-        if self.peft is None:
-            yield
-            return
-        with self.peft.disable_adapter():
-            yield
-
-    def add_lora(self, lora: LoraConfig) -> None:
-        """LoRA on the language model's attention and MLP projections (``lora.target_regex``); the vision
-        tower, VQ model, aligners and generation head stay frozen."""
-        if self.peft is not None:
-            raise RuntimeError("a LoRA adapter is already attached; merge_and_save it first")
-        # peft injects the LoRA layers in place, so self.model keeps pointing at the (now adapted) model
-        self.peft = apply_lora(self.model, lora)
-
-    def load_adapter(self, adapter_dir: str | Path, trainable: bool = True) -> None:
-        """Attach an adapter written by :meth:`save_adapter` (to resume training)."""
-        from peft import PeftModel
-
-        if self.peft is not None:
-            raise RuntimeError("a LoRA adapter is already attached")
-        self.peft = PeftModel.from_pretrained(self.model, str(adapter_dir), is_trainable=trainable)
-
-    def lora_module_names(self) -> list[str]:
-        return [name for name, module in self.model.named_modules() if hasattr(module, "lora_A")]
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        if self.peft is None:
-            raise RuntimeError("no LoRA adapter: call add_lora first")
-        return [p for p in self.peft.parameters() if p.requires_grad]
-
-    def save_adapter(self, out_dir: str | Path) -> None:
-        if self.peft is None:
-            raise RuntimeError("no LoRA adapter to save: call add_lora first")
-        self.peft.save_pretrained(str(out_dir), safe_serialization=True)
-
     def merge_and_save(self, out_dir: str | Path) -> None:
         """Merge the adapter into the weights (the backend keeps the merged model, without adapter) and
         write model, processor and generation config in the layout :meth:`load` reads."""
-        if self.peft is not None:
-            self.model = self.peft.merge_and_unload()
-            self.peft = None
+        self.merge_adapter()
         out = Path(out_dir)
         self.model.save_pretrained(out)
         self.generation_config.save_pretrained(out)  # after the model: keeps generation_kwargs

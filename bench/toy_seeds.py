@@ -24,6 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "silmm": [],
+    "base_judge": ["feedback.judge=base"],  # SILMM with iteration 0's judge (see feedback.judge)
     "random": ["feedback.method=random"],
     "ratio_yes": ["feedback.method=ratio_yes"],
     "sft": ["train.loss=sft"],

@@ -17,7 +17,7 @@ from typing import Any
 
 from silmm import questions as Q
 from silmm.config import QuestionMethod
-from silmm.models import load_backend
+from silmm.models import load_judge
 from silmm.rundir import RunDir
 from silmm.seeding import derive_seed
 from silmm.tasks import open_writer, progress, read_input
@@ -32,7 +32,7 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     writer = open_writer(run, iteration, "questions", shard, prompts.meta.shard_count)
     todo = [k for k, pid in enumerate(ids) if pid not in writer.done]
 
-    backend = load_backend(run, iteration) if qcfg.method is QuestionMethod.self and todo else None
+    backend = load_judge(run, iteration) if qcfg.method is QuestionMethod.self and todo else None
     examples = Q.load_examples(qcfg.icl_examples)
     fallbacks = 0
     # batches never straddle a flush boundary, so a resumed task sees the batches the first one saw

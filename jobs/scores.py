@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from silmm import feedback as F
-from silmm.config import FeedbackMethod, ImageStorage
+from silmm.config import FeedbackMethod, ImageStorage, Judge
 from silmm.images import from_png, to_png
-from silmm.models import load_backend
+from silmm.models import load_backend, load_judge
 from silmm.rundir import RunDir
 from silmm.seeding import derive_seed
 from silmm.tasks import open_writer, progress, read_input
@@ -46,11 +46,15 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     method = cfg.feedback.method
     keep_best_worst = cfg.sampling.store_images is ImageStorage.best_worst
     needs_model = method is not FeedbackMethod.random or keep_best_worst  # (random needs no images)
-    backend = load_backend(run, iteration) if todo and needs_model else None
+    backend = load_judge(run, iteration) if todo and needs_model else None
+    # a base judge cannot decode what this iteration's model sampled, unless the images are stored
+    decoder = backend
+    if backend is not None and cfg.feedback.judge is Judge.base and not all(len(b) for b in samples["image_png"]):
+        decoder = load_backend(run, iteration)
     for pid in progress(todo, len(todo), f"scores shard {shard}", cfg.logging.progress):
         rows, qs = rows_of[pid], q_of[pid]
         seeds = [int(x) for x in samples["seed"][rows]]
-        images = _images(backend, samples, rows, cfg.run.seed) if needs_model else []
+        images = _images(decoder, samples, rows, cfg.run.seed) if needs_model else []
         if method is FeedbackMethod.random:
             p_yes = p_no = [np.zeros(len(qs), np.float32)] * len(rows)
             scores = [F.random_score(sd) for sd in seeds]

@@ -89,6 +89,11 @@ class FeedbackMethod(str, Enum):
     random = "random"  # random score (ablation control)
 
 
+class Judge(str, Enum):
+    policy = "policy"  # the iteration's start model writes the questions and answers them (paper)
+    base = "base"  # the model at model.path always does: judging stays as it was at iteration 0
+
+
 class Loss(str, Enum):
     dpo = "dpo"
     ipo = "ipo"
@@ -201,6 +206,9 @@ class QuestionsConfig:
 class FeedbackConfig:
     method: FeedbackMethod = FeedbackMethod.vqa
     batch_size: int = 16  # (image, question) pairs per forward
+    # Which model judges (questions + answers). `base` keeps iteration 0's judge: a small model whose
+    # generation and understanding share every weight can lose its judging to the DPO updates (issue #7)
+    judge: Judge = Judge.policy
 
 
 @dataclass

@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,13 +36,21 @@ STAGE_ORDER = (*SHARD_STAGES, "pairs", "train")
 _USER_OMP_THREADS = os.environ.get("OMP_NUM_THREADS")  # as set before any driver changed it
 
 
-def _forget_process_group_env() -> None:
-    """Local jobs inherit this process's environment. If this process joined a process group itself (a
-    debug-executor train, or a test), its RANK/MASTER_PORT would send every local train job to a port
-    this process still holds (EADDRINUSE); the driver is not a rank, so its jobs start from none."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            os.environ.pop(key, None)
+_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def _without_process_group_env() -> Iterator[None]:
+    """Local jobs inherit this process's environment when they start. If this process joined a process
+    group itself (a debug-executor train, or a test), its RANK/MASTER_PORT would send every local train job
+    to a port this process still holds (EADDRINUSE). The driver is not a rank: its jobs start without those
+    variables, and this process gets them back (its own group still needs them)."""
+    saved = {k: os.environ.pop(k) for k in _GROUP_ENV if k in os.environ} \
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ else {}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 class DriverError(RuntimeError):
@@ -217,14 +225,14 @@ class Driver:
             if not self._user_threads:
                 # local tasks share this machine's cores; more torch threads than cores makes every task crawl
                 os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(at_once, 1)))
-            _forget_process_group_env()
         executor = make_executor(self.run, iteration, stage)
         for chunk in split_arrays(batch, self.cfg.executor.max_array_size):
-            if len(chunk) == 1:
-                jobs = [executor.submit(chunk[0].task)]
-            else:
-                with executor.batch():
-                    jobs = [executor.submit(t.task) for t in chunk]
+            with _without_process_group_env() if self.cfg.executor.kind is ExecutorKind.local else nullcontext():
+                if len(chunk) == 1:
+                    jobs = [executor.submit(chunk[0].task)]
+                else:
+                    with executor.batch():
+                        jobs = [executor.submit(t.task) for t in chunk]
             for t, job in zip(chunk, jobs, strict=True):
                 t.job, t.state, t.error = job, "pending", ""
                 t.attempts += 1

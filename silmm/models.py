@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from silmm.backends.base import LMMBackend
-from silmm.config import Backend, SilmmConfig
+from silmm.config import Backend, Judge, SilmmConfig
 from silmm.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,12 @@ def load_backend(run: RunDir, iteration: int) -> LMMBackend:
     log.info("loaded %s from %s on %s/%s in %.1f s", cls_name, model_cfg.path, backend.device,
              str(backend.dtype).removeprefix("torch."), time.time() - t0)
     return backend
+
+
+def load_judge(run: RunDir, iteration: int) -> LMMBackend:
+    """The model that writes questions and answers them in ``iteration``: its start model (the paper),
+    or the model at model.path when ``feedback.judge=base``."""
+    return load_backend(run, 1 if run.config.feedback.judge is Judge.base else iteration)
 
 
 def load_tokenizer(run: RunDir, iteration: int):

@@ -41,8 +41,10 @@ def check_fraction(prompt: str, image: np.ndarray) -> float:
 
 def evaluate_prompts(backend, prompts: Sequence[str], samples: int, run_seed: int, batch_size: int,
                      examples: Sequence[tuple[str, Sequence[str]]], max_questions: int = 8,
-                     max_new_tokens: int = 64) -> tuple[list[PromptResult], dict[str, np.ndarray]]:
-    """Results per prompt, and the images of every prompt ({prompt: uint8 [samples, H, W, 3]})."""
+                     max_new_tokens: int = 64, judge=None) -> tuple[list[PromptResult], dict[str, np.ndarray]]:
+    """Results per prompt, and the images of every prompt ({prompt: uint8 [samples, H, W, 3]}).
+    ``backend`` draws the images; ``judge`` (default: the same model) writes questions and answers them."""
+    judge = backend if judge is None else judge
     flat = [(i, j) for i in range(len(prompts)) for j in range(samples)]
     images = np.zeros((len(prompts), samples, world.SIZE, world.SIZE, 3), np.uint8)
     for start in range(0, len(flat), batch_size):
@@ -54,10 +56,10 @@ def evaluate_prompts(backend, prompts: Sequence[str], samples: int, run_seed: in
     written: list[str] = []
     for start in range(0, len(prompts), batch_size):  # greedy: the seeds are not used
         chunk = prompts[start:start + batch_size]
-        written += backend.write_text([Q.question_request(p, examples) for p in chunk], [0] * len(chunk),
+        written += judge.write_text([Q.question_request(p, examples) for p in chunk], [0] * len(chunk),
                                       max_new_tokens=max_new_tokens, temperature=0.0)
     asked = [Q.parse_questions(w, max_questions) or Q.prompt_q(p) for w, p in zip(written, prompts, strict=True)]
-    answers = backend.yes_no(images.reshape(-1, *images.shape[2:]), [qs for qs in asked for _ in range(samples)])
+    answers = judge.yes_no(images.reshape(-1, *images.shape[2:]), [qs for qs in asked for _ in range(samples)])
     results = []
     for i, prompt in enumerate(prompts):
         truth = world.questions(prompt)

@@ -63,7 +63,7 @@ def fmt(values: list[float]) -> str:
 
 def table(root: str, variants: list[str], seeds: list[int]) -> str:
     lines = ["| variant | iteration | seeds | overall | " + " | ".join(CATEGORIES) +
-             " | self/oracle pairwise agreement | mean Spearman |", "|---" * (7 + len(CATEGORIES)) + "|"]
+             " | strict | self/oracle pairwise agreement | mean Spearman |", "|---" * (8 + len(CATEGORIES)) + "|"]
     for variant in variants:
         runs = [load(root, variant, s) for s in seeds]
         iterations = sorted(set().union(*[r.keys() for r in runs]))
@@ -71,6 +71,7 @@ def table(root: str, variants: list[str], seeds: list[int]) -> str:
             have = [r[it] for r in runs if it in r]
             lines.append(f"| {variant} | {it} | {len(have)} | {fmt([e['overall'] for e in have])} | "
                          + " | ".join(fmt([e["per_category"].get(c) for e in have]) for c in CATEGORIES)
+                         + f" | {fmt([e.get('strict') for e in have])}"
                          + f" | {fmt([e['agreement_pairwise'] for e in have])} | {fmt([e['spearman_mean'] for e in have])} |")
     walls = []
     for variant in variants:

@@ -625,6 +625,24 @@ def test_summarize_by_hand():
     assert s["spearman_prompts"] == 2 and s["spearman_mean"] == pytest.approx(1.0)
 
 
+def test_nothing_extra_and_strict_by_hand():
+    prompt = "A red circle and a blue square"
+    both = [Obj(0, 0, "red", "circle"), Obj(3, 3, "blue", "square")]
+    extra = both + [Obj(1, 1, "green", "triangle")]
+    assert W.nothing_extra(prompt, W.render(both)) and not W.nothing_extra(prompt, W.render(extra))
+    assert W.score(prompt, W.render(extra)).overall == 1.0  # the checks alone accept the cluttered image
+    assert W.nothing_extra("Two squares and three circles", W.render(
+        [Obj(0, i, "red", "square") for i in range(2)] + [Obj(2, i, "red", "circle") for i in range(3)]))
+    corrupt = W.render(both)
+    corrupt[20, 20] = (1, 2, 3)  # an unparseable cell is an extra object too
+    assert not W.nothing_extra(prompt, corrupt)
+    results = [_result([1.0, 1.0], [0.0, 0.1]), _result([1.0, 0.0], [0.2, 0.1])]
+    for r, strict in zip(results, ([1.0, 0.0], [0.0, 0.0]), strict=True):
+        r.strict = strict
+    assert E.summarize(results)["strict"] == pytest.approx(0.25)
+    assert math.isnan(E.summarize([_result([1.0], [0.0])])["strict"])  # an evaluation from before the metric
+
+
 def test_check_fraction_by_hand():
     prompt = "A red circle on the left of a blue square"
     # checks: circle exists, red circle exists, square exists, blue square exists, relation

@@ -31,6 +31,7 @@ class PromptResult:
     self_score: list[float]  # the model's own score per image
     questions: list[str]
     questions_exact: bool  # the model wrote exactly the oracle's decomposition
+    strict: list[float] | None = None  # overall, and no object beyond those the prompt names
 
 
 def check_fraction(prompt: str, image: np.ndarray) -> float:
@@ -66,6 +67,7 @@ def evaluate_prompts(backend, prompts: Sequence[str], samples: int, run_seed: in
         results.append(PromptResult(
             prompt=prompt, category=world.parse_prompt(prompt).category,
             oracle=[world.score(prompt, im).overall for im in images[i]],
+            strict=[world.score(prompt, im).overall * world.nothing_extra(prompt, im) for im in images[i]],
             partial=[check_fraction(prompt, im) for im in images[i]],
             self_score=[vqa_score(y, n) for y, n in answers[i * samples:(i + 1) * samples]], questions=asked[i],
             questions_exact=[q.lower() for q in asked[i]] == [q.lower() for q in truth]))
@@ -104,6 +106,8 @@ def summarize(results: Sequence[PromptResult]) -> dict:
     rho, n_rho = mean_spearman(results)
     return {
         "overall": float(np.mean([x for r in results for x in r.oracle])),
+        "strict": (float(np.mean([x for r in results for x in r.strict]))
+                   if all(r.strict is not None for r in results) else math.nan),
         "partial": float(np.mean([x for r in results for x in r.partial])),
         "per_category": {c: float(np.mean(v)) for c, v in by_cat.items() if v},
         "self_score": float(np.mean([x for r in results for x in r.self_score])),

@@ -46,6 +46,8 @@ def _plot_alignment(evals: dict[int, dict], out: Path) -> None:
     for cat in world.CATEGORIES:
         ax.plot(its, [evals[i]["per_category"].get(cat, np.nan) for i in its], marker="o", label=cat)
     ax.plot(its, [evals[i]["overall"] for i in its], marker="s", color="black", linewidth=2, label="overall")
+    ax.plot(its, [evals[i].get("strict", np.nan) for i in its], marker="s", color="black", linestyle="--",
+            label="strict (nothing extra)")
     ax.set_xlabel("iteration (0 = pretrained)")
     ax.set_ylabel("oracle alignment (held-out)")
     ax.set_xticks(its)
@@ -117,14 +119,15 @@ def write_report(run: RunDir) -> Path:
              f"`{cfg.train.loss.value}`, questions `{cfg.questions.method.value}`; {cfg.prompts.count} prompts x "
              f"{cfg.sampling.samples_per_prompt} samples per iteration. Evaluation: {cfg.toy.eval_prompts} held-out "
              f"prompts (never used for pretraining or training) x {cfg.toy.eval_samples} images, scored by the exact "
-             "oracle. Alignment = share of images where every check of the prompt holds.", "",
-             "| iteration | overall | " + " | ".join(world.CATEGORIES) + " | checks held | self-score | "
+             "oracle. Alignment = share of images where every check of the prompt holds; strict = and the image "
+             "holds no object beyond those the prompt names.", "",
+             "| iteration | overall | " + " | ".join(world.CATEGORIES) + " | strict | checks held | self-score | "
              "self/oracle pairwise agreement | mean Spearman (prompts) | questions exact |",
-             "|---" * (7 + len(world.CATEGORIES)) + "|"]
+             "|---" * (8 + len(world.CATEGORIES)) + "|"]
     for i in sorted(evals):
         e = evals[i]
         lines.append(f"| {i} | {_fmt(e['overall'])} | " + " | ".join(_fmt(e["per_category"].get(c)) for c in world.CATEGORIES)
-                     + f" | {_fmt(e['partial'])} | {_fmt(e['self_score'])} | {_fmt(e['agreement_pairwise'])} "
+                     + f" | {_fmt(e.get('strict'))} | {_fmt(e['partial'])} | {_fmt(e['self_score'])} | {_fmt(e['agreement_pairwise'])} "
                      f"({e['agreement_pairs']} pairs) | {_fmt(e['spearman_mean'])} ({e['spearman_prompts']}) | "
                      f"{_fmt(e['questions_exact'])} |")
     lines += ["", "![alignment](alignment.png)", "", "![distributions](score_distributions.png)", "",

@@ -369,6 +369,13 @@ def score(prompt: str | Spec, image: np.ndarray) -> OracleScore:
                        float(all(ok for _, ok in results)))
 
 
+def nothing_extra(prompt: str | Spec, image: np.ndarray) -> bool:
+    """The image holds exactly as many objects as the prompt names (unparseable cells count). The checks
+    only ask that named objects exist, so a cluttered image passes them; this is the stricter reading."""
+    spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    return len(parse(image)) == sum(p.count for p in spec.phrases)
+
+
 # ----------------------------------------------------------------------------------------- scenes
 def _cells(rng: random.Random) -> list[tuple[int, int]]:
     cells = [(r, c) for r in range(GRID) for c in range(GRID)]

@@ -63,7 +63,7 @@ def fmt(values: list[float]) -> str:
 
 def table(root: str, variants: list[str], seeds: list[int]) -> str:
     lines = ["| variant | iteration | seeds | overall | " + " | ".join(CATEGORIES) +
-             " | strict | self/oracle pairwise agreement | mean Spearman |", "|---" * (8 + len(CATEGORIES)) + "|"]
+             " | strict | self/oracle pairwise agreement | mean Spearman |", "|---" * (7 + len(CATEGORIES)) + "|"]
     for variant in variants:
         runs = [load(root, variant, s) for s in seeds]
         iterations = sorted(set().union(*[r.keys() for r in runs]))

@@ -45,8 +45,8 @@ def _without_process_group_env() -> Iterator[None]:
     group itself (a debug-executor train, or a test), its RANK/MASTER_PORT would send every local train job
     to a port this process still holds (EADDRINUSE). The driver is not a rank: its jobs start without those
     variables, and this process gets them back (its own group still needs them)."""
-    saved = {k: os.environ.pop(k) for k in _GROUP_ENV if k in os.environ} \
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ else {}
+    joined = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    saved = {k: os.environ.pop(k) for k in _GROUP_ENV if joined and k in os.environ}
     try:
         yield
     finally:

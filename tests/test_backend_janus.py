@@ -27,9 +27,10 @@ from silmm.backends.common import (
     apply_lora,
     build_tiny_tokenizer,
     lora_target_modules,
+    warp_logits,
     yes_no_token_ids,
 )
-from silmm.backends.janus import JanusBackend, build_tiny_janus, warp_logits
+from silmm.backends.janus import JanusBackend, build_tiny_janus
 from silmm.config import LogprobMode, LoraConfig, ModelConfig, SamplingConfig
 
 PROMPTS = ["a red cube", "two green spheres to the left of a wooden table"]

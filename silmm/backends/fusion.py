@@ -33,13 +33,18 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 from silmm.backends.base import CheckpointError, LMMBackend
 from silmm.backends.common import (
+    ImageSamples,
     InPlaceLora,
+    left_pad,
     make_generators,
     multinomial_per_sample,
+    next_text_token,
     per_image,
+    positions,
+    token_logprobs,
+    warp_logits,
     yes_no_token_ids,
 )
-from silmm.backends.janus import ImageSamples, left_pad, positions, token_logprobs, warp_logits
 from silmm.config import LogprobMode, ModelConfig, SamplingConfig
 
 FUSION_CONFIG = "fusion_config.json"
@@ -302,11 +307,7 @@ class FusionBackend(InPlaceLora, LMMBackend):
         written: list[torch.Tensor] = []
         for _ in range(max_new_tokens):
             logits = self.model.lm_head(out.last_hidden_state[:, -1]).float() + self.text_bias
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                nxt = multinomial_per_sample(warp_logits(logits, temperature, 0, top_p).softmax(-1), gens)
-            nxt = nxt.masked_fill(done, self.pad_id)
+            nxt = next_text_token(logits, temperature, top_p, gens).masked_fill(done, self.pad_id)
             written.append(nxt)
             done |= nxt == self.eos_id
             if bool(done.all()):

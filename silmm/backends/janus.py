@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +35,17 @@ from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
 from silmm.backends.base import CheckpointError, LMMBackend
 from silmm.backends.common import (
+    ImageSamples,
     InPlaceLora,
     build_tiny_tokenizer,
+    left_pad,
     make_generators,
     multinomial_per_sample,
+    next_text_token,
     per_image,
+    positions,
+    token_logprobs,
+    warp_logits,
     yes_no_token_ids,
 )
 from silmm.config import LogprobMode, ModelConfig, SamplingConfig
@@ -79,64 +84,6 @@ JANUS_SPECIAL_TOKENS = {
     "eoi_token": "<end_of_image>",
 }
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-
-
-@dataclass
-class ImageSamples:
-    """What the sampling loop drew, with the log-probability of every sequence under three views.
-
-    ``logp_sampling``: under the distribution actually sampled (CFG mix, then temperature/top-k/top-p).
-    ``logp_cfg``: the CFG-mixed logits before temperature/top-k/top-p (``logprob_mode="cfg"``).
-    ``logp_conditional``: the text-conditioned branch alone (``logprob_mode="conditional"``).
-    """
-
-    tokens: torch.Tensor  # [B, T] int64, CPU
-    logp_sampling: torch.Tensor  # [B] float32, CPU
-    logp_cfg: torch.Tensor
-    logp_conditional: torch.Tensor
-
-
-# ------------------------------------------------------------------------------------ logits warping
-def warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then nucleus (top-p) filtering, in transformers' order; removed -> -inf."""
-    logits = logits.float() / temperature
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # mass strictly before each token: a token is kept while that mass is below top_p (the first always)
-        before = probs.cumsum(-1) - probs
-        drop_sorted = before >= top_p
-        drop_sorted[..., 0] = False
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[tokens] without materialising the full log-softmax: gather - logsumexp."""
-    logits = logits.float()
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids [B, L] and attention mask [B, L] (1 = real token)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, width - len(row):] = 1
-    return ids, mask
-
-
-def positions(mask: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
-    """Position ids that skip left padding: cumsum(mask) - 1 (pads get the first real position)."""
-    return (mask.cumsum(-1) - 1).clamp(min=0) + offset
 
 
 # ------------------------------------------------------------------------------------ tiny checkpoint
@@ -343,11 +290,7 @@ class JanusBackend(InPlaceLora, LMMBackend):
         written: list[torch.Tensor] = []
         for _ in range(max_new_tokens):
             logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                nxt = multinomial_per_sample(warp_logits(logits, temperature, 0, top_p).softmax(-1), gens)
-            nxt = nxt.masked_fill(done, self.pad_id)
+            nxt = next_text_token(logits, temperature, top_p, gens).masked_fill(done, self.pad_id)
             written.append(nxt)
             done |= torch.isin(nxt, eos)
             if bool(done.all()):

@@ -64,10 +64,10 @@ def evaluate_prompts(backend, prompts: Sequence[str], samples: int, run_seed: in
     results = []
     for i, prompt in enumerate(prompts):
         truth = world.questions(prompt)
+        oracle = [world.score(prompt, im).overall for im in images[i]]
         results.append(PromptResult(
-            prompt=prompt, category=world.parse_prompt(prompt).category,
-            oracle=[world.score(prompt, im).overall for im in images[i]],
-            strict=[world.score(prompt, im).overall * world.nothing_extra(prompt, im) for im in images[i]],
+            prompt=prompt, category=world.parse_prompt(prompt).category, oracle=oracle,
+            strict=[ok * world.nothing_extra(prompt, im) for ok, im in zip(oracle, images[i], strict=True)],
             partial=[check_fraction(prompt, im) for im in images[i]],
             self_score=[vqa_score(y, n) for y, n in answers[i * samples:(i + 1) * samples]], questions=asked[i],
             questions_exact=[q.lower() for q in asked[i]] == [q.lower() for q in truth]))

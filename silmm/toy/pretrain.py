@@ -187,7 +187,7 @@ def load_progress(partial: Path, model: torch.nn.Module, optimizer: torch.optim.
 def answer_accuracy(model, corpus: Corpus, prompts: Sequence[str], seed: int, batch: int = 128) -> float:
     """Accuracy of one-question yes/no answers (the scores stage's format) about fresh images of the
     prompts: scenes that fit them or nearly do."""
-    from silmm.backends.janus import left_pad, positions
+    from silmm.backends.common import left_pad, positions
 
     rng = random.Random(seed)
     yes, no = corpus.words("yes")[0], corpus.words("no")[0]

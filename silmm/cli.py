@@ -83,6 +83,23 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from silmm.report import ReportError, write_training_report
+    from silmm.rundir import RunDir
+
+    run = RunDir.open(args.run)  # not a run directory: ConfigError, exit 2
+    try:
+        rep = write_training_report(run)
+    except ReportError as exc:  # no metrics yet, or a corrupt metrics line: a check failed, exit 1
+        print(f"silmm: {exc}", file=sys.stderr)
+        return 1
+    print(f"training figure: {rep.figure}")
+    print(f"training table:  {rep.table}")
+    for k, why in sorted(rep.skipped.items()):
+        print(f"  iteration {k}: no metrics ({why})")
+    return 0
+
+
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from silmm.models import build_tiny
 
@@ -131,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_make_tiny)
+
+    rep = sub.add_parser("report", help="plot the training metrics of every iteration (report/training.png, .md)")
+    rep.add_argument("run")
+    rep.set_defaults(func=_cmd_report)
 
     ver = sub.add_parser("verify", help="validate every shard of a run; list the bad ones")
     ver.add_argument("run")

@@ -95,14 +95,22 @@ class Judge(str, Enum):
 
 
 class Loss(str, Enum):
-    dpo = "dpo"
-    ipo = "ipo"
+    dpo = "dpo"  # sigmoid DPO (Rafailov et al. 2023; SILMM Eq. 2)
+    cdpo = "cdpo"  # conservative DPO: labels flipped with probability train.label_smoothing
+    rdpo = "rdpo"  # robust DPO (Chowdhury et al. 2024): unbiased under label noise train.label_smoothing
+    ipo = "ipo"  # IPO (Azar et al. 2023), on log-probs normalised by train.ipo_normalization
     kcdpo = "kcdpo"
     sft = "sft"
 
 
-DISCRETE_LOSSES = {Loss.dpo, Loss.ipo, Loss.sft}
+DISCRETE_LOSSES = {Loss.dpo, Loss.cdpo, Loss.rdpo, Loss.ipo, Loss.sft}
+NOISY_LABEL_LOSSES = {Loss.cdpo, Loss.rdpo}
 CONTINUOUS_LOSSES = {Loss.kcdpo, Loss.sft}
+
+
+class IpoNormalization(str, Enum):
+    mean = "mean"  # log-probs averaged over the image tokens (TRL's IPO, the IPO paper's setting)
+    sum = "sum"  # summed log-probs: IPO's 1/(2 beta) target then applies to the whole image
 
 
 class KernelAggregation(str, Enum):
@@ -236,7 +244,8 @@ class TrainConfig:
     loss: Loss | None = None  # None: dpo discrete / kcdpo continuous
     beta: float = 0.2  # DPO
     gamma: float = 3.0  # KC-DPO
-    label_smoothing: float = 0.0  # robust DPO
+    label_smoothing: float = 0.0  # cdpo / rdpo: the assumed probability eps that a preference is flipped
+    ipo_normalization: IpoNormalization = IpoNormalization.mean
     kernel_aggregation: KernelAggregation = KernelAggregation.avgpool
     kernel_distance: KernelDistance = KernelDistance.cosine
     logprob_mode: LogprobMode = LogprobMode.conditional
@@ -251,6 +260,18 @@ class TrainConfig:
     zero_stage: int = 2
     log_every: int = 10
     checkpoint_every: int = 100
+    # Dropout (LoRA's and the model's) in the policy forward. Off by default, as TRL's disable_dropout:
+    # the stored reference values come from a dropout-free forward, so dropout would add noise to every
+    # DPO margin that the reference never had.
+    policy_dropout: bool = False
+    # Recompute activations in backward: ~1/num_layers of the activation memory for ~1.3x the compute.
+    # On by default (7B models need it on 80 GB GPUs); the tiny and toy configs switch it off.
+    gradient_checkpointing: bool = True
+    # A held-out split of the pairs (whole prompts, chosen by hash) for a loss/accuracy every eval_every steps
+    heldout_fraction: float = 0.02
+    heldout_max_pairs: int = 256
+    eval_every: int = 50
+    prefetch: int = 2  # micro-batches read ahead of the compute by a background thread (0: off)
 
 
 @dataclass
@@ -533,8 +554,23 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
     positive("train.lora.alpha", t.lora.alpha)
     if t.warmup_steps < 0 or t.warmup_steps > t.max_steps:
         fail("train.warmup_steps", f"must be in [0, train.max_steps={t.max_steps}], got {t.warmup_steps}")
-    if not 0 <= t.label_smoothing < 0.5:
-        fail("train.label_smoothing", f"must be in [0, 0.5), got {t.label_smoothing}")
+    if t.loss in NOISY_LABEL_LOSSES:
+        if not 0 < t.label_smoothing < 0.5:
+            fail("train.label_smoothing", f"train.loss={t.loss.value} needs a label-flip rate in (0, 0.5), "
+                 f"got {t.label_smoothing}")
+    elif t.label_smoothing != 0:
+        fail("train.label_smoothing", f"is only used by train.loss=cdpo (conservative DPO, what TRL calls "
+             f"label smoothing) or rdpo (robust DPO); train.loss={t.loss.value} would ignore "
+             f"{t.label_smoothing}")
+    positive("train.log_every", t.log_every)
+    positive("train.checkpoint_every", t.checkpoint_every)
+    positive("train.eval_every", t.eval_every)
+    if not 0 <= t.heldout_fraction < 0.5:
+        fail("train.heldout_fraction", f"must be in [0, 0.5), got {t.heldout_fraction}")
+    if t.heldout_max_pairs < 0:
+        fail("train.heldout_max_pairs", f"must be >= 0, got {t.heldout_max_pairs}")
+    if t.prefetch < 0:
+        fail("train.prefetch", f"must be >= 0 (0 = off), got {t.prefetch}")
     if t.zero_stage not in (0, 1, 2, 3):
         fail("train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
 

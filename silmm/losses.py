@@ -1,8 +1,24 @@
-"""The loss math of SILMM: DPO / IPO for discrete LMMs, KC-DPO for continuous ones, and SFT baselines.
+"""The loss math of SILMM: the DPO family for discrete LMMs, KC-DPO for continuous ones, and SFT baselines.
+
+Variants, each as its paper defines it (``h`` below; ``eps`` = ``train.label_smoothing``, the assumed
+probability that a preference label is flipped):
+
+* ``dpo_loss``   DPO (Rafailov et al. 2023, "Direct Preference Optimization"; SILMM Eq. 2):
+  ``-log sigmoid(beta h)``. TRL: ``loss_type="sigmoid"``, ``label_smoothing=0``.
+* ``cdpo_loss``  conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences & relationship to
+  IPO"): the DPO loss against the smoothed target ``1 - eps``. TRL: ``"sigmoid"`` with ``label_smoothing``.
+* ``rdpo_loss``  robust DPO (Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with
+  Noisy Feedback"): an unbiased estimate of the clean DPO loss under flips. TRL: ``loss_type="robust"``.
+* ``ipo_loss``   IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+  Preferences"): ``(h - 1/(2 beta))^2``. TRL: ``loss_type="ipo"``.
+* ``kcdpo_loss`` Kernel-based Continuous DPO (SILMM Eq. 6), for continuous feature outputs.
+* ``sft_discrete_loss`` / ``sft_continuous_loss``: the SFT baselines on the chosen samples.
 
 Every function is pure torch, batched over the leading dimension B and differentiable. Each returns an
 output object holding the per-example ``losses`` [B] (``.loss`` is their mean) and detached per-example
-statistics, with ``.metrics()`` giving TRL-style float metrics for logging.
+statistics. ``.metric_tensors()`` gives the TRL-named batch means as detached 0-dim tensors on the inputs'
+device (no host synchronisation, so a trainer can accumulate them per micro-batch); ``.metrics()`` is the
+same as Python floats.
 
 Notation: ``pi_c, pi_r`` are the policy's log-probabilities of the chosen / rejected samples, ``ref_c,
 ref_r`` the reference model's; ``h = (pi_c - ref_c) - (pi_r - ref_r)`` is the log-ratio difference.
@@ -12,6 +28,7 @@ reference's, ``H_w`` / ``H_l`` the chosen / rejected sampled features, and ``k``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,28 +37,37 @@ import torch.nn.functional as F
 from silmm.config import KernelAggregation, KernelDistance
 
 __all__ = [
-    "DPOOutput", "KCDPOOutput", "SFTOutput", "dpo_loss", "ipo_loss", "kernel_distance", "kcdpo_loss",
-    "sft_discrete_loss", "sft_continuous_loss",
+    "DPOOutput", "KCDPOOutput", "SFTOutput", "dpo_loss", "cdpo_loss", "rdpo_loss", "ipo_loss",
+    "kernel_distance", "kcdpo_loss", "sft_discrete_loss", "sft_continuous_loss",
 ]
 
+METRIC_DTYPE = torch.float64
+"""dtype of ``metric_tensors()``: means of float64 inputs are not rounded, and a trainer summing them over
+many micro-batches adds no float32 error. Scalars, so the cost is nil."""
 
-def _mean(x: torch.Tensor) -> float:
-    return x.detach().to(torch.float64).mean().item()  # float64: no rounding of float64 inputs
+
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    """Detached batch mean as a 0-dim METRIC_DTYPE tensor on x's device; no .item(), so no host sync."""
+    return x.detach().to(METRIC_DTYPE).mean()
 
 
-def _reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+def _to_floats(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {name: float(value) for name, value in tensors.items()}
+
+
+def _reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
     return {
         "rewards/chosen": _mean(chosen),
         "rewards/rejected": _mean(rejected),
         "rewards/margins": _mean(chosen - rejected),
         # strict: at the start of training policy == reference and the accuracy is 0, as in TRL
-        "rewards/accuracies": _mean((chosen > rejected).float()),
+        "rewards/accuracies": _mean(chosen > rejected),
     }
 
 
 @dataclass
 class DPOOutput:
-    """Per-example DPO / IPO results; rewards are the implicit rewards ``beta * log(pi / pi_ref)``."""
+    """Per-example DPO-family / IPO results; rewards are the implicit rewards ``beta * log(pi / pi_ref)``."""
 
     losses: torch.Tensor  # [B], differentiable
     chosen_rewards: torch.Tensor  # [B], detached: beta * (pi_c - ref_c)
@@ -53,13 +79,17 @@ class DPOOutput:
     def loss(self) -> torch.Tensor:
         return self.losses.mean()
 
-    def metrics(self) -> dict[str, float]:
-        """Batch means, named as TRL's DPOTrainer logs them."""
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """Batch means, named as TRL's DPOTrainer logs them: detached 0-dim float64 tensors."""
         return {
             **_reward_metrics(self.chosen_rewards, self.rejected_rewards),
             "logps/chosen": _mean(self.policy_chosen_logps),
             "logps/rejected": _mean(self.policy_rejected_logps),
         }
+
+    def metrics(self) -> dict[str, float]:
+        """``metric_tensors()`` as floats (synchronises with the device)."""
+        return _to_floats(self.metric_tensors())
 
 
 @dataclass
@@ -78,7 +108,8 @@ class KCDPOOutput:
     def loss(self) -> torch.Tensor:
         return self.losses.mean()
 
-    def metrics(self) -> dict[str, float]:
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """Batch means (rewards/* as for DPO, distance/*): detached 0-dim float64 tensors."""
         return {
             **_reward_metrics(self.chosen_rewards, self.rejected_rewards),
             "distance/policy_chosen": _mean(self.policy_chosen_distance),
@@ -86,6 +117,10 @@ class KCDPOOutput:
             "distance/policy_rejected": _mean(self.policy_rejected_distance),
             "distance/ref_rejected": _mean(self.ref_rejected_distance),
         }
+
+    def metrics(self) -> dict[str, float]:
+        """``metric_tensors()`` as floats (synchronises with the device)."""
+        return _to_floats(self.metric_tensors())
 
 
 @dataclass
@@ -99,8 +134,13 @@ class SFTOutput:
     def loss(self) -> torch.Tensor:
         return self.losses.mean()
 
-    def metrics(self) -> dict[str, float]:
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """Batch means of ``stats``: detached 0-dim float64 tensors."""
         return {name: _mean(value) for name, value in self.stats.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """``metric_tensors()`` as floats (synchronises with the device)."""
+        return _to_floats(self.metric_tensors())
 
 
 # -------------------------------------------------------------------------------------------- DPO
@@ -110,12 +150,43 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
         raise ValueError(f"inputs must have the same shape, got {shapes}")
 
 
-def _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+def _check_positive(name: str, value: float) -> None:
+    # `not value > 0` also rejects nan; inf would turn inf * 0 into nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def _check_label_smoothing(label_smoothing: float, variant: str) -> None:
+    # eps = 0 is plain DPO (use dpo_loss); eps = 0.5 makes the labels pure noise (rDPO divides by 1 - 2 eps)
+    if not 0.0 < label_smoothing < 0.5:
+        raise ValueError(f"{variant} needs label_smoothing (the label-flip rate) in (0, 0.5), "
+                         f"got {label_smoothing}")
+
+
+def _log_ratios(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pi_c - ref_c, pi_r - ref_r); h is their difference."""
     _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
                       ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     chosen = policy_chosen_logps - ref_chosen_logps
     rejected = policy_rejected_logps - ref_rejected_logps
     return chosen, rejected
+
+
+def _dpo_output(
+    losses: torch.Tensor,
+    beta: float,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+) -> DPOOutput:
+    return DPOOutput(losses, beta * chosen.detach(), beta * rejected.detach(),
+                     policy_chosen_logps.detach(), policy_rejected_logps.detach())
 
 
 def dpo_loss(
@@ -124,29 +195,72 @@ def dpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float,
-    label_smoothing: float = 0.0,
 ) -> DPOOutput:
-    """Sigmoid DPO (Rafailov et al. 2023; SILMM Eq. 2), with optional conservative label smoothing.
+    """DPO (Rafailov et al. 2023; SILMM Eq. 2), per example:
 
         h = (pi_c - ref_c) - (pi_r - ref_r)
+        L = -log sigmoid(beta * h)
+
+    All inputs are [B] sequence log-probabilities (summed over the image tokens, as SILMM's trainer
+    passes them).
+    """
+    _check_positive("beta", beta)
+    chosen, rejected = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    # logsigmoid, never log(sigmoid): stays finite (and linear) for |beta h| in the thousands
+    losses = -F.logsigmoid(beta * (chosen - rejected))
+    return _dpo_output(losses, beta, chosen, rejected, policy_chosen_logps, policy_rejected_logps)
+
+
+def cdpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float,
+) -> DPOOutput:
+    """Conservative DPO (Mitchell 2023): DPO's binary cross-entropy against the soft target 1 - eps.
+
         L = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
 
-    ``eps = label_smoothing`` is the assumed probability that a preference label is flipped
-    (conservative / robust DPO, as TRL's ``label_smoothing``); eps = 0 is plain DPO. All inputs are [B]
-    summed sequence log-probabilities.
+    ``eps = label_smoothing`` in (0, 0.5) is the assumed label-flip rate. The loss is minimised at the
+    finite margin beta * h = log((1 - eps) / eps): past it the gradient pushes the margin back, so the
+    implicit reward gap stays bounded (TRL's ``loss_type="sigmoid"`` with ``label_smoothing``).
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    _check_positive("beta", beta)
+    _check_label_smoothing(label_smoothing, "cdpo_loss")
     chosen, rejected = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     logits = beta * (chosen - rejected)
-    # logsigmoid, never log(sigmoid): stays finite for |logits| in the thousands
-    losses = -F.logsigmoid(logits)
-    if label_smoothing > 0:  # skip the extra term when off, so eps = 0 is bit-identical to plain DPO
-        losses = (1.0 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-logits)
-    return DPOOutput(losses, beta * chosen.detach(), beta * rejected.detach(),
-                     policy_chosen_logps.detach(), policy_rejected_logps.detach())
+    eps = label_smoothing
+    losses = -(1.0 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+    return _dpo_output(losses, beta, chosen, rejected, policy_chosen_logps, policy_rejected_logps)
+
+
+def rdpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float,
+) -> DPOOutput:
+    """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO"), per example:
+
+        L(h) = [ -(1 - eps) * log sigmoid(beta * h) + eps * log sigmoid(-beta * h) ] / (1 - 2 * eps)
+
+    With each label flipped independently with probability ``eps = label_smoothing`` in (0, 0.5), it is
+    an unbiased estimate of the clean DPO loss: (1 - eps) L(h) + eps L(-h) = -log sigmoid(beta * h)
+    exactly (TRL's ``loss_type="robust"``). Unlike cDPO it is not bounded below: its slope in beta*h
+    lies between -(1 - eps) / (1 - 2 eps) and -eps / (1 - 2 eps), never 0, so per-example losses are
+    negative for large enough margins.
+    """
+    _check_positive("beta", beta)
+    _check_label_smoothing(label_smoothing, "rdpo_loss")
+    chosen, rejected = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    logits = beta * (chosen - rejected)
+    eps = label_smoothing
+    losses = (-(1.0 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1.0 - 2.0 * eps)
+    return _dpo_output(losses, beta, chosen, rejected, policy_chosen_logps, policy_rejected_logps)
 
 
 def ipo_loss(
@@ -161,15 +275,15 @@ def ipo_loss(
         h = (pi_c - ref_c) - (pi_r - ref_r)
         L = (h - 1 / (2 * beta))**2
 
-    Here ``beta`` is the IPO regularisation tau. The IPO paper (and TRL) use length-averaged
-    log-probabilities; that is the caller's choice of what to pass in.
+    Here ``beta`` is the IPO regularisation tau. The target margin 1/(2 beta) is on whatever scale the
+    log-probabilities are given: the IPO paper and TRL average them over tokens. Normalisation is the
+    caller's: SILMM's trainer applies ``train.ipo_normalization`` (mean | sum over the image tokens)
+    before calling.
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    _check_positive("beta", beta)
     chosen, rejected = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = (chosen - rejected - 1.0 / (2.0 * beta)) ** 2
-    return DPOOutput(losses, beta * chosen.detach(), beta * rejected.detach(),
-                     policy_chosen_logps.detach(), policy_rejected_logps.detach())
+    return _dpo_output(losses, beta, chosen, rejected, policy_chosen_logps, policy_rejected_logps)
 
 
 # --------------------------------------------------------------------------------------- kernels
@@ -258,8 +372,7 @@ def kcdpo_loss(
 
     All inputs are [B, L, D]; normally only ``policy_H`` carries gradients.
     """
-    if gamma <= 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
+    _check_positive("gamma", gamma)
     _check_same_shape(policy_H=policy_H, ref_H=ref_H, chosen_H=chosen_H, rejected_H=rejected_H)
     k_pw = kernel_distance(policy_H, chosen_H, aggregation, distance)
     k_rw = kernel_distance(ref_H, chosen_H, aggregation, distance)
@@ -279,11 +392,17 @@ def sft_discrete_loss(policy_chosen_logps: torch.Tensor, num_tokens: torch.Tenso
         L = -log pi(z_w | x) / |z_w|
 
     ``policy_chosen_logps`` [B] are summed sequence log-probabilities; ``num_tokens`` is |z_w| (an int,
-    or [B] when lengths differ).
+    or [B] when lengths differ). An int is checked on the host; checking a [B] tensor on an accelerator
+    waits for the device.
     """
-    n = torch.as_tensor(num_tokens, dtype=policy_chosen_logps.dtype, device=policy_chosen_logps.device)
-    if (n <= 0).any():
-        raise ValueError("num_tokens must be > 0")
+    if isinstance(num_tokens, torch.Tensor):
+        n = num_tokens.to(dtype=policy_chosen_logps.dtype, device=policy_chosen_logps.device)
+        if (n <= 0).any():
+            raise ValueError("num_tokens must be > 0")
+    else:
+        if num_tokens <= 0:
+            raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
+        n = num_tokens  # a Python scalar: no device tensor, no transfer, no sync
     losses = -policy_chosen_logps / n
     return SFTOutput(losses, {"logps/chosen": policy_chosen_logps.detach(),
                               "nll/per_token": losses.detach()})

@@ -27,21 +27,33 @@ import shutil
 import signal
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
 import torch
 from torch import nn
 
-from silmm.config import CONTINUOUS_LOSSES, DISCRETE_LOSSES, Loss, SilmmConfig, TrainConfig
+from silmm.backends.lora import Master
+from silmm.config import CONTINUOUS_LOSSES, DISCRETE_LOSSES, IpoNormalization, Loss, SilmmConfig, TrainConfig
 from silmm.distributed import all_reduce_sum, barrier
 from silmm.fsutil import atomic_write_text
-from silmm.losses import dpo_loss, ipo_loss, kcdpo_loss, sft_continuous_loss, sft_discrete_loss
+from silmm.losses import (
+    cdpo_loss,
+    dpo_loss,
+    ipo_loss,
+    kcdpo_loss,
+    kernel_distance,
+    rdpo_loss,
+    sft_continuous_loss,
+    sft_discrete_loss,
+)
 from silmm.seeding import derive_seed
 from silmm.store import ShardError, StoreOptions, read_shard
 
@@ -87,13 +99,15 @@ def order_seed(run_seed: int, iteration: int) -> int:
 
 
 class DataOrder:
-    """Which pair each global sample index reads: a fresh permutation of all pairs per epoch, seeded by
-    (data seed, epoch). Step s consumes global samples [s*B, (s+1)*B); within it, micro-batch m of rank r
-    is chunk ``m * world + r``. Depends on nothing but the seed and the counts, so a resumed run reads
-    exactly what the uninterrupted one read."""
+    """Which pair each global sample index reads: a fresh permutation of the training pairs per epoch,
+    seeded by (data seed, epoch). Step s consumes global samples [s*B, (s+1)*B); within it, micro-batch m of
+    rank r is chunk ``m * world + r``. Depends on nothing but the seed and the rows, so a resumed run reads
+    exactly what the uninterrupted one read. ``pool``: the pair rows trained on (all but the held-out
+    split); None means all ``num_pairs`` rows."""
 
-    def __init__(self, num_pairs: int, seed: int):
-        self.num_pairs = num_pairs
+    def __init__(self, num_pairs: int, seed: int, pool: np.ndarray | None = None):
+        self.pool = np.arange(num_pairs) if pool is None else np.asarray(pool, dtype=np.int64)
+        self.num_pairs = len(self.pool)
         self.seed = seed
         self._cached: tuple[int, np.ndarray] | None = None  # one epoch's permutation (millions of pairs)
 
@@ -107,13 +121,35 @@ class DataOrder:
         out = np.empty(count, dtype=np.int64)
         for i, g in enumerate(range(start, start + count)):
             epoch, pos = divmod(g, self.num_pairs)
-            out[i] = self.permutation(epoch)[pos]
+            out[i] = self.pool[self.permutation(epoch)[pos]]
         return out
 
     def micro_rows(self, step: int, micro_step: int, rank: int, micro: int, world_size: int,
                    batch_size: int) -> np.ndarray:
         chunk = micro_step * world_size + rank
         return self.rows(step * batch_size + chunk * micro, micro)
+
+
+def heldout_split(prompt_ids: np.ndarray, fraction: float, max_pairs: int, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of the pairs file. Whole prompts are held out (pairs of one prompt
+    share it, so a pair split would leak): each distinct prompt id draws a seeded uniform number, prompts
+    below ``fraction`` are held out, fewest-first up to ``max_pairs`` pairs. At least one prompt is always
+    kept for training. Depends only on the ids and the seed: a resumed run splits alike."""
+    rows = np.arange(len(prompt_ids))
+    if fraction <= 0 or max_pairs <= 0 or len(prompt_ids) == 0:
+        return rows, rows[:0]
+    ids, inverse, counts = np.unique(prompt_ids, return_inverse=True, return_counts=True)
+    draw = np.random.default_rng([seed, 0x5EED]).random(len(ids))
+    held = np.zeros(len(ids), dtype=bool)
+    taken = 0
+    for i in np.argsort(draw, kind="stable"):
+        if draw[i] >= fraction or taken + counts[i] > max_pairs or held.sum() + 1 >= len(ids):
+            break
+        held[i] = True
+        taken += counts[i]
+    mask = held[inverse]
+    return rows[~mask], rows[mask]
 
 
 # ------------------------------------------------------------------------------------------ pairs file
@@ -182,23 +218,84 @@ class PairsFile:
         values = dset.asstr()[unique] if h5py.check_string_dtype(dset.dtype) else dset[unique]
         return values[inverse]
 
-    def _tensor(self, name: str, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-        return torch.from_numpy(self._read(name, rows)).to(device)
+    def prompt_ids(self) -> np.ndarray:
+        """The prompt id of every pair (for the held-out split): one integer column, small."""
+        return self._h5["prompt_id"][:]
+
+    def read(self, rows: np.ndarray, with_reference: bool) -> dict[str, Any]:
+        """The columns of ``rows`` as numpy arrays (reading and decompression only: safe to run in the
+        prefetch thread, h5py serialises its calls)."""
+        out: dict[str, Any] = {"rows": rows, "text": self._read("text", rows)}
+        if self.family == "discrete":
+            names = ["chosen_tokens", "rejected_tokens"]
+            names += ["chosen_ref_logprob", "rejected_ref_logprob"] if with_reference else []
+            return out | {n: self._read(n, rows) for n in names}
+        out["chosen_features"] = self._read("features", self._read("chosen_row", rows))
+        out["rejected_features"] = self._read("features", self._read("rejected_row", rows))
+        if with_reference:
+            out["ref_features"] = self._read("ref_features", self._read("ref_row", rows))
+        return out
+
+    @staticmethod
+    def to_batch(arrays: dict[str, Any], device: torch.device) -> PairBatch:
+        """What :meth:`read` returned, as tensors on ``device``."""
+        def tensor(name: str, dtype: torch.dtype) -> torch.Tensor | None:
+            if name not in arrays:
+                return None
+            t = torch.from_numpy(arrays[name])
+            if device.type == "cuda":  # a pinned copy lets the transfer overlap the compute
+                return t.pin_memory().to(device, non_blocking=True).to(dtype)
+            return t.to(device=device, dtype=dtype)
+
+        return PairBatch(
+            rows=arrays["rows"], prompts=[str(t) for t in arrays["text"]],
+            chosen_tokens=tensor("chosen_tokens", torch.long), rejected_tokens=tensor("rejected_tokens", torch.long),
+            chosen_ref_logps=tensor("chosen_ref_logprob", torch.float32),
+            rejected_ref_logps=tensor("rejected_ref_logprob", torch.float32),
+            chosen_features=tensor("chosen_features", torch.float32),
+            rejected_features=tensor("rejected_features", torch.float32),
+            ref_features=tensor("ref_features", torch.float32))
 
     def batch(self, rows: np.ndarray, device: torch.device, with_reference: bool) -> PairBatch:
-        b = PairBatch(rows=rows, prompts=[str(t) for t in self._read("text", rows)])
-        if self.family == "discrete":
-            b.chosen_tokens = self._tensor("chosen_tokens", rows, device).long()
-            b.rejected_tokens = self._tensor("rejected_tokens", rows, device).long()
-            if with_reference:
-                b.chosen_ref_logps = self._tensor("chosen_ref_logprob", rows, device).float()
-                b.rejected_ref_logps = self._tensor("rejected_ref_logprob", rows, device).float()
-            return b
-        b.chosen_features = self._tensor("features", self._read("chosen_row", rows), device).float()
-        b.rejected_features = self._tensor("features", self._read("rejected_row", rows), device).float()
-        if with_reference:
-            b.ref_features = self._tensor("ref_features", self._read("ref_row", rows), device).float()
-        return b
+        return self.to_batch(self.read(rows, with_reference), device)
+
+
+class Prefetcher:
+    """Reads the pairs of the coming micro-batches in a background thread, ``depth`` ahead of the compute,
+    so that reading and decompressing the next batch overlaps this one's forward and backward (torch
+    releases the GIL in its kernels). The order is fixed in advance (:class:`DataOrder`), so nothing is
+    read that is not used, except up to ``depth`` batches when the run stops early. depth 0 reads inline."""
+
+    def __init__(self, pairs: PairsFile, schedule: Iterable[np.ndarray], with_reference: bool, depth: int):
+        self.pairs, self.with_reference, self.depth = pairs, with_reference, depth
+        self._schedule = iter(schedule)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairs-prefetch") if depth else None
+        self._queue: deque[Future] = deque()
+
+    def _fill(self) -> None:
+        while self._pool is not None and len(self._queue) < self.depth:
+            rows = next(self._schedule, None)
+            if rows is None:
+                return
+            self._queue.append(self._pool.submit(self.pairs.read, rows, self.with_reference))
+
+    def next(self) -> dict[str, Any]:
+        """The arrays of the next scheduled micro-batch (StopIteration after the last)."""
+        if self._pool is None:
+            return self.pairs.read(next(self._schedule), self.with_reference)
+        self._fill()
+        if not self._queue:
+            raise StopIteration
+        arrays = self._queue.popleft().result()
+        self._fill()
+        return arrays
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for f in self._queue:
+                f.cancel()
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def reference_source(requested: str, pairs: PairsFile, loss: Loss) -> str:
@@ -225,12 +322,23 @@ def training_modules(backend: Any) -> dict[str, nn.Module]:
     return {"lmm": backend.lmm, "head": backend.head}  # dream: PeftModel(LLaVA) + queries/projector
 
 
+class PolicyOut(NamedTuple):
+    """What the policy forward gives (a NamedTuple: DeepSpeed walks tuples for the tensors it tracks).
+    Discrete: summed log-probs of chosen (and rejected) image tokens and the per-sequence mean entropy of
+    the policy over image codes (detached). Continuous: the deterministic features H."""
+
+    chosen_logps: torch.Tensor | None = None  # [B]
+    rejected_logps: torch.Tensor | None = None  # [B]
+    entropy: torch.Tensor | None = None  # [B] or [2B], nats per image token, detached
+    features: torch.Tensor | None = None  # [B, L, D]
+
+
 class Policy(nn.Module):
     """The backend's modules under one nn.Module (what DeepSpeed wraps); ``forward`` is the policy pass.
 
     Discrete: chosen and rejected sequences go through ONE forward (concatenated along the batch) and the
-    log-probs are summed over image positions only (the backend gathers the sampled token's logit and
-    subtracts a logsumexp: no full-vocabulary log-softmax is kept). Continuous: H for each distinct prompt
+    log-probs are summed over image positions only (the backend computes the image-code head chunk by chunk
+    with a float32 log-sum-exp: no full-vocabulary logits are kept). Continuous: H for each distinct prompt
     of the batch once (top-k x bottom-k pairs share prompts), then indexed per pair.
     """
 
@@ -244,17 +352,43 @@ class Policy(nn.Module):
             raise TrainingError(f"{type(backend).__name__}: {len(stray)} trainable parameters outside the modules "
                                 f"DeepSpeed wraps (shapes {stray[:3]}); silmm.trainer.training_modules is stale")
 
-    def forward(self, batch: PairBatch, chosen_only: bool = False) -> tuple[torch.Tensor, ...]:
+    def forward(self, batch: PairBatch, chosen_only: bool = False) -> PolicyOut:
         if self.backend.family == "continuous":
             slot = {p: i for i, p in enumerate(dict.fromkeys(batch.prompts))}  # first-seen order
             index = torch.tensor([slot[p] for p in batch.prompts], device=batch.chosen_features.device)
-            return (self.backend.features(list(slot))[index],)
+            return PolicyOut(features=self.backend.features(list(slot))[index])
         if chosen_only:
-            return (self.backend.sequence_logprobs(batch.prompts, batch.chosen_tokens),)
+            logps, entropy = self.backend.sequence_logprobs(batch.prompts, batch.chosen_tokens, entropy=True)
+            return PolicyOut(chosen_logps=logps, entropy=entropy)
         n = len(batch)
         tokens = torch.cat([batch.chosen_tokens, batch.rejected_tokens])
-        logps = self.backend.sequence_logprobs(batch.prompts + batch.prompts, tokens)
-        return logps[:n], logps[n:]
+        logps, entropy = self.backend.sequence_logprobs(batch.prompts + batch.prompts, tokens, entropy=True)
+        return PolicyOut(logps[:n], logps[n:], entropy)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Trainable parameters only: what a DeepSpeed checkpoint needs (the loaded model supplies the rest).
+        DeepSpeed's own ``exclude_frozen_parameters`` misses tied weights (a frozen lm_head tied to the
+        embeddings, 839 of 849 MB of a checkpoint at Janus-Pro-1B widths) and buffers."""
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        keep = {prefix + n for n, p in self.named_parameters(remove_duplicate=False) if p.requires_grad}
+        return OrderedDict((k, v) for k, v in full.items() if k in keep)
+
+
+def disable_dropout(module: nn.Module) -> int:
+    """Dropout off in the policy forward, as TRL's ``disable_dropout``: p = 0 in every nn.Dropout (LoRA's
+    included) and in transformers' attention modules (which read ``attention_dropout`` in training mode).
+    Training mode stays on (gradient checkpointing needs it). Returns how many modules were changed."""
+    changed = 0
+    for m in module.modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            m.p = 0.0
+            changed += 1
+        rate = getattr(m, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            m.attention_dropout = 0.0
+            changed += 1
+    return changed
 
 
 def reference_values(policy: Policy, batch: PairBatch, source: str) -> tuple[torch.Tensor, ...]:
@@ -267,22 +401,98 @@ def reference_values(policy: Policy, batch: PairBatch, source: str) -> tuple[tor
             return batch.chosen_ref_logps, batch.rejected_ref_logps
         return (batch.ref_features,)
     with torch.no_grad(), policy.backend.reference():
-        return tuple(t.detach() for t in policy(batch))
+        out = policy(batch)
+    if out.features is not None:
+        return (out.features.detach(),)
+    return out.chosen_logps.detach(), out.rejected_logps.detach()
 
 
-def pair_loss(t: TrainConfig, loss: Loss, batch: PairBatch, policy_out: tuple[torch.Tensor, ...],
-              ref: tuple[torch.Tensor, ...]):
+def pair_loss(t: TrainConfig, loss: Loss, batch: PairBatch, out: PolicyOut, ref: tuple[torch.Tensor, ...]):
     """The configured loss of :mod:`silmm.losses` on one micro-batch (an output with .losses/.metrics())."""
-    if loss is Loss.dpo:
-        return dpo_loss(*policy_out, *ref, beta=t.beta, label_smoothing=t.label_smoothing)
-    if loss is Loss.ipo:
-        return ipo_loss(*policy_out, *ref, beta=t.beta)
     if loss is Loss.kcdpo:
-        return kcdpo_loss(policy_out[0], ref[0], batch.chosen_features, batch.rejected_features, gamma=t.gamma,
+        return kcdpo_loss(out.features, ref[0], batch.chosen_features, batch.rejected_features, gamma=t.gamma,
                           aggregation=t.kernel_aggregation, distance=t.kernel_distance)
-    if batch.chosen_tokens is not None:  # SFT, discrete: mean NLL per image token
-        return sft_discrete_loss(policy_out[0], batch.chosen_tokens.shape[1])
-    return sft_continuous_loss(policy_out[0], batch.chosen_features, t.kernel_aggregation, t.kernel_distance)
+    if loss is Loss.sft:
+        if out.features is not None:
+            return sft_continuous_loss(out.features, batch.chosen_features, t.kernel_aggregation, t.kernel_distance)
+        return sft_discrete_loss(out.chosen_logps, batch.chosen_tokens.shape[1])  # mean NLL per image token
+    logps = (out.chosen_logps, out.rejected_logps, *ref)
+    if loss is Loss.dpo:
+        return dpo_loss(*logps, beta=t.beta)
+    if loss is Loss.cdpo:
+        return cdpo_loss(*logps, beta=t.beta, label_smoothing=t.label_smoothing)
+    if loss is Loss.rdpo:
+        return rdpo_loss(*logps, beta=t.beta, label_smoothing=t.label_smoothing)
+    if t.ipo_normalization is IpoNormalization.mean:  # IPO's 1/(2 beta) target per image token, as TRL
+        logps = tuple(x / batch.chosen_tokens.shape[1] for x in logps)
+    return ipo_loss(*logps, beta=t.beta)
+
+
+def loss_description(t: TrainConfig, loss: Loss) -> str:
+    """The loss as the logs and DONE say it (the IPO normalisation included: it changes what beta means)."""
+    if loss is Loss.ipo:
+        return f"ipo on log-probs {'averaged over' if t.ipo_normalization is IpoNormalization.mean else 'summed over'} " \
+               "the image tokens"
+    if loss in (Loss.cdpo, Loss.rdpo):
+        return f"{loss.value} (label-flip rate {t.label_smoothing})"
+    return loss.value
+
+
+def policy_metrics(t: TrainConfig, batch: PairBatch, out: PolicyOut, ref: tuple[torch.Tensor, ...]
+                   ) -> dict[str, torch.Tensor]:
+    """What shows collapse of diversity or drift from the reference, beside the loss's own metrics (detached
+    0-dim tensors, left on the device until a logging step). Discrete: the policy's entropy over image codes
+    (nats per token); the log-prob drift from the reference of chosen and rejected images; and
+    ``kl/reference``, the per-token sample estimate mean(log pi_ref - log pi) over the batch's images, which
+    were sampled from the reference (the iteration's start model) -- an estimate of KL(pi_ref || pi) up to
+    the difference between the sampling distribution (guidance, top-p) and pi_ref itself. Continuous: the
+    kernel distance k(H, H_r) of the policy's features from the reference's."""
+    m: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        if out.entropy is not None:
+            m["entropy/image_tokens"] = out.entropy.float().mean()
+        if not ref:
+            return m
+        if out.features is not None:
+            m["distance/policy_ref"] = kernel_distance(out.features, ref[0], t.kernel_aggregation,
+                                                       t.kernel_distance).mean()
+            return m
+        drift_c, drift_r = out.chosen_logps - ref[0], out.rejected_logps - ref[1]
+        m["logps/chosen_drift"] = drift_c.mean()
+        m["logps/rejected_drift"] = drift_r.mean()
+        m["kl/reference"] = -(drift_c + drift_r).mean() / (2 * batch.chosen_tokens.shape[1])
+    return m
+
+
+def heldout_metrics(engine: Any, pairs: PairsFile, rows: np.ndarray, micro: int, rank: int, world_size: int,
+                    t: TrainConfig, loss: Loss, ref_source: str, device: torch.device) -> dict[str, float]:
+    """Loss, reward accuracy and margin on the held-out pairs (no gradients). Every rank runs the same
+    number of forwards (ZeRO-3 gathers weights in each one): the ranks' shares are padded with weight-0
+    copies of a real row."""
+    per_rank = -(-len(rows) // world_size)
+    mine = rows[rank::world_size]
+    weights = np.r_[np.ones(len(mine)), np.zeros(per_rank - len(mine))]
+    mine = np.r_[mine, np.full(per_rank - len(mine), rows[0], dtype=np.int64)]
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, accuracy, margin, count
+    policy: Policy = engine.module
+    with torch.no_grad():
+        for start in range(0, per_rank, micro):
+            batch = pairs.batch(mine[start:start + micro], device, with_reference=ref_source == "stored")
+            ref = reference_values(policy, batch, ref_source)
+            out = pair_loss(t, loss, batch, engine(batch, chosen_only=loss is Loss.sft), ref)
+            w = torch.as_tensor(weights[start:start + micro], dtype=torch.float64, device=device)
+            sums[0] += (out.losses.to(torch.float64) * w).sum()
+            if hasattr(out, "chosen_rewards"):
+                margin = (out.chosen_rewards - out.rejected_rewards).to(torch.float64)
+                sums[1] += ((margin > 0).to(torch.float64) * w).sum()
+                sums[2] += (margin * w).sum()
+            sums[3] += w.sum()
+    all_reduce_sum(sums)
+    loss_sum, correct, margin_sum, count = sums.tolist()
+    values = {"eval/loss": loss_sum / count}
+    if loss is not Loss.sft:
+        values |= {"eval/rewards/accuracies": correct / count, "eval/rewards/margins": margin_sum / count}
+    return values
 
 
 def step_seed(run_seed: int, iteration: int, step: int, chunk: int) -> int:
@@ -483,45 +693,63 @@ class MetricsLog:
                 self._tb.close()
 
 
-class StepMetrics:
-    """Sums of micro-batch means on this rank; :meth:`reduce` gives the global-batch means (all micro-batches
-    have the same size, so the mean of their means is the mean over the global batch)."""
+class MetricSums:
+    """Per-micro-batch metrics summed on the device, with no synchronisation until :meth:`reduce` at a
+    logging step; then one all-reduce gives the means over every micro-batch of every rank since the last
+    one (all micro-batches have the same size, so the mean of their means is the mean over the pairs)."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
 
-    def add(self, loss: float, metrics: dict[str, float]) -> None:
-        for k, v in {"loss": loss, **metrics}.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for k, v in values.items():
+            v = v.detach().to(torch.float64)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.count += 1
 
-    def reduce(self, device: torch.device, stop: int) -> tuple[dict[str, float], bool]:
-        """(global means, whether any rank asked to stop): one all-reduce per optimizer step."""
-        keys = sorted(self.sums)
-        vec = torch.tensor([self.sums[k] for k in keys] + [self.count, float(stop > 0)], dtype=torch.float64,
-                           device=device)
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        keys = sorted(self.sums)  # the same keys on every rank: the same code ran there
+        vec = torch.stack([self.sums[k].to(device) for k in keys]
+                          + [torch.tensor(float(self.count), dtype=torch.float64, device=device)])
         all_reduce_sum(vec)
-        count = vec[-2].item()
-        return {k: vec[i].item() / count for i, k in enumerate(keys)}, vec[-1].item() > 0
+        values = vec.tolist()
+        self.sums, self.count = {}, 0
+        return {k: values[i] / values[-1] for i, k in enumerate(keys)}
 
 
-def check_finite(losses: torch.Tensor, rows: np.ndarray, step: int, micro_step: int, rank: int, world_size: int,
-                 last_checkpoint: str | None, checkpoints_dir: Path) -> None:
-    """Stop every rank together, before backward, when any rank's loss is NaN or infinite; name the step,
-    the micro-batch and the pair rows of pairs.h5 that gave it."""
-    bad_local = np.flatnonzero(~torch.isfinite(losses.detach()).cpu().numpy())
-    flags = torch.zeros(world_size, dtype=torch.float64, device=losses.device)
-    flags[rank] = float(len(bad_local) > 0)
-    all_reduce_sum(flags)
-    if not flags.any():
-        return
-    bad_ranks = torch.nonzero(flags).flatten().tolist()
-    here = f"pairs.h5 rows {rows[bad_local].tolist()}" if len(bad_local) else f"rank(s) {bad_ranks}"
-    kept = f"last good checkpoint: {checkpoints_dir / last_checkpoint}" if last_checkpoint else \
-        "no checkpoint was written yet"
-    raise TrainingError(f"non-finite loss at step {step + 1} (micro-batch {micro_step + 1}, batch of {here}); "
-                        f"{kept}. Check those pairs' stored reference values and features, or lower train.lr.")
+class StepGuard:
+    """Non-finite losses and stop requests, checked ONCE per optimizer step, before the step updates the
+    weights: one all-reduce of two numbers, instead of a synchronisation per micro-batch. A bad step stops
+    every rank together and names the micro-batch and pair rows that gave it; the last checkpoint is kept."""
+
+    def __init__(self) -> None:
+        self._batches: list[tuple[np.ndarray, torch.Tensor]] = []
+
+    def add(self, rows: np.ndarray, losses: torch.Tensor) -> None:
+        self._batches.append((rows, ~torch.isfinite(losses.detach())))
+
+    def check(self, step: int, stop_signum: int, device: torch.device, last_checkpoint: str | None,
+              checkpoints_dir: Path) -> bool:
+        """Raise TrainingError on a non-finite loss on any rank; else whether any rank asked to stop."""
+        bad = torch.stack([b.sum() for _, b in self._batches]).sum().to(torch.float64) if self._batches else \
+            torch.zeros((), dtype=torch.float64)
+        vec = torch.stack([bad.to(device), torch.tensor(float(stop_signum > 0), dtype=torch.float64, device=device)])
+        all_reduce_sum(vec)
+        n_bad, stop = vec.tolist()
+        if n_bad > 0:
+            here = "another rank's batch"
+            for m, (rows, flags) in enumerate(self._batches):
+                local = np.flatnonzero(flags.cpu().numpy())
+                if len(local):
+                    here = f"micro-batch {m + 1}, batch of pairs.h5 rows {rows[local].tolist()}"
+                    break
+            kept = f"last good checkpoint: {checkpoints_dir / last_checkpoint}" if last_checkpoint else \
+                "no checkpoint was written yet"
+            raise TrainingError(f"non-finite loss at step {step + 1} ({here}); {kept}. Check those pairs' "
+                                "stored reference values and features, or lower train.lr.")
+        self._batches = []
+        return stop > 0
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -538,17 +766,38 @@ def gathered(engine: Any, zero_stage: int) -> Iterator[None]:
         yield
 
 
+def master_weights(policy: Policy) -> Master:
+    """How to read each trainable parameter's float32 value for the export: DeepSpeed's float32 master copy
+    where it keeps one (bf16 training, ZeRO 1-3; gathered across ranks), else the parameter itself. Every
+    rank must call this (under ZeRO-3 it gathers)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for p in policy.backend.trainable_parameters():
+        full = safe_get_full_fp32_param(p)
+        if full is not None:
+            masters[id(p)] = full.detach().float()
+
+    def master(p: nn.Parameter) -> torch.Tensor:
+        value = masters.get(id(p))
+        return value.to(p.device) if value is not None else p.detach().float()
+
+    return master
+
+
 def export_model(engine: Any, policy: Policy, zero_stage: int, adapter_dir: Path, model_dir: Path,
                  is_main: bool, done_info: dict[str, Any], log_fn: Callable[[str], None] = log.info) -> None:
-    """Adapter to ``adapter_dir``; merged weights to ``model_dir`` in the input's layout; ``DONE`` last."""
+    """Adapter (float32, from the optimizer's master weights) to ``adapter_dir``; merged weights (merged in
+    float32, stored in the input checkpoint's dtype) to ``model_dir`` in the input's layout; ``DONE`` last."""
     backend = policy.backend
+    master = master_weights(policy)
     with gathered(engine, zero_stage):
         if is_main:
             shutil.rmtree(adapter_dir, ignore_errors=True)
-            backend.save_adapter(adapter_dir)
+            backend.save_adapter(adapter_dir, master)
             if model_dir.exists():  # a partial export of an earlier attempt (no DONE, or we would not be here)
                 shutil.rmtree(model_dir)
-            backend.merge_and_save(model_dir)
+            backend.merge_and_save(model_dir, master)
             atomic_write_text(model_dir / DONE, json.dumps(done_info, indent=2) + "\n")
             log_fn(f"wrote adapter {adapter_dir} and merged model {model_dir}")
     barrier()

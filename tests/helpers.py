@@ -32,3 +32,58 @@ def break_prompts_shard(run: RunDir, shard: int = 0) -> None:
     bad = run.shard_path(1, "prompts", shard)
     bad.parent.mkdir(parents=True, exist_ok=True)
     bad.write_bytes(b"not hdf5")
+
+
+def assert_checkpointing_keeps_loss_and_grads(backend, layer, loss_fn, params, set_train) -> None:
+    """Gradient checkpointing on: the same loss and gradients, and the layers really run twice (a pre-hook
+    on ``layer``, a module inside a decoder layer, fires again when the backward recomputes it: transformers
+    checkpoints the layer's forward, not its __call__ where hooks run); only in training mode.
+    ``set_train(bool)`` switches the backend's training mode; ``loss_fn()`` is a differentiable scalar."""
+    import torch
+
+    calls: list[int] = []
+    layer.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def run():
+        calls.clear()
+        loss = loss_fn()
+        return loss.detach(), torch.autograd.grad(loss, params), len(calls)
+
+    set_train(True)
+    plain_loss, plain_grads, plain_calls = run()
+    backend.enable_gradient_checkpointing()
+    loss, grads, n_calls = run()
+    assert (plain_calls, n_calls) == (1, 2)
+    torch.testing.assert_close(loss, plain_loss, atol=1e-5, rtol=1e-6)
+    for got, want in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    set_train(False)
+    assert run()[2] == 1
+
+
+def full_logits_reference(logits, tokens):
+    """The straightforward computation the chunked head replaces: full float32 log-softmax, gathered and
+    summed; the mean entropy of the same logits."""
+    import torch
+
+    logits = logits.float()
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
+    return logp, torch.distributions.Categorical(logits=logits).entropy().mean(-1)
+
+
+def assert_chunked_logprobs_match(backend, prompts, tokens, chunks, ref_logp, ref_ent, params) -> None:
+    """For each chunk size: ``sequence_logprobs`` (float32, entropy detached) and its gradients equal the
+    full-logits reference's (``ref_logp`` differentiable w.r.t. ``params``)."""
+    import torch
+
+    weights = torch.tensor([1.0, -0.5])
+    ref_grads = torch.autograd.grad((ref_logp * weights).sum(), params)
+    for chunk in chunks:
+        backend.logprob_chunk = chunk
+        logp, ent = backend.sequence_logprobs(prompts, tokens, entropy=True)
+        assert logp.dtype == ent.dtype == torch.float32 and not ent.requires_grad
+        torch.testing.assert_close(logp, ref_logp.detach(), atol=1e-4, rtol=1e-6)
+        torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
+        grads = torch.autograd.grad((logp * weights).sum(), params)
+        for got, want in zip(grads, ref_grads, strict=True):  # float32 rounding of sums of ~100 logits
+            torch.testing.assert_close(got, want, atol=1e-3 * float(want.abs().max()), rtol=1e-3)

@@ -18,6 +18,7 @@ import torch
 from silmm.backends.base import CheckpointError
 from silmm.backends.dream import DreamBackend, build_tiny_dream, dropdiv_layer_indices
 from silmm.config import Backend, Device, Diversity, DropDivPlacement, LoraConfig, ModelConfig, SamplingConfig
+from tests.helpers import assert_checkpointing_keeps_loss_and_grads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -350,3 +351,17 @@ def test_write_text(backend: DreamBackend) -> None:
     sampled = backend.write_text(PROMPTS, [1, 2, 3], max_new_tokens=6, temperature=1.0, top_p=0.9)
     assert sampled == backend.write_text(PROMPTS, [1, 2, 3], max_new_tokens=6, temperature=1.0, top_p=0.9)
     assert all(isinstance(t, str) for t in sampled) and len(sampled) == 3
+
+
+# ------------------------------------------------------------------------------ gradient checkpointing
+def test_gradient_checkpointing_same_loss_and_grads(ckpt: Path) -> None:
+    """LoRA and dream-query gradients; training mode is what the trainer switches on (the backend keeps
+    its modules in eval mode)."""
+    b = load(ckpt)
+    b.add_lora(LoraConfig(r=4, alpha=4, dropout=0.0))
+    perturb(b)
+    params = [p for p in b.trainable_parameters() if p is not b.head.projector.weight and p is not b.head.projector.bias]
+    assert len(params) == len(b.trainable_parameters()) - 2  # the projector acts in decode, not in features
+    weights = torch.randn(b.head_cfg.num_queries, b.head_cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    assert_checkpointing_keeps_loss_and_grads(b, b.layers[0].mlp, lambda: (b.features(PROMPTS) * weights).sum(),
+                                              params, b.lmm.train)

@@ -18,9 +18,15 @@ import torch
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from silmm.backends.base import CheckpointError
+from silmm.backends.common import image_code_logprobs
 from silmm.backends.fusion import FusionBackend, build_tiny_fusion
-from silmm.config import LogprobMode, LoraConfig, ModelConfig, SamplingConfig
+from silmm.config import Dtype, LogprobMode, LoraConfig, ModelConfig, SamplingConfig
 from silmm.toy import world
+from tests.helpers import (
+    assert_checkpointing_keeps_loss_and_grads,
+    assert_chunked_logprobs_match,
+    full_logits_reference,
+)
 
 PROMPTS = ["a red circle", "two blue squares on the left of a green triangle"]
 QUESTIONS = [
@@ -446,3 +452,190 @@ def test_lora_regex_must_match(ckpt):
     assert backend.peft is None
     with pytest.raises(RuntimeError):
         backend.trainable_parameters()
+
+
+# ------------------------------------------------------------------------------------ chunked image-code log-probs
+@pytest.mark.parametrize("cfg", [False, True])
+def test_image_code_logprobs_equal_full_logits(cfg):
+    """Values, entropy and gradients (hidden states and head weights) equal the full-logits computation for
+    chunks that divide T, do not, and cover it; with autograd the head runs again per chunk in the backward
+    (checkpointed: no chunk's logits are kept), and no saved tensor spans the codes."""
+    g = torch.Generator().manual_seed(0)
+    b, t, d, v = 3, 10, 8, 37
+    head = torch.nn.Linear(d, v)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(v, d, generator=g))
+        head.bias.copy_(torch.randn(v, generator=g))
+    hidden = tuple(torch.randn(b, t, d, generator=g, requires_grad=True) for _ in range(2 if cfg else 1))
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    calls: list[int] = []
+    saved: list[tuple[int, ...]] = []
+
+    def logits_fn(*h: torch.Tensor) -> torch.Tensor:
+        calls.append(h[0].shape[1])
+        return head(h[1]) + 3.0 * (head(h[0]) - head(h[1])) if cfg else head(h[0])
+
+    params = [*hidden, head.weight, head.bias]
+    weights = torch.tensor([1.0, -2.0, 0.5])  # distinct per row: a row mix-up changes the gradients
+    ref_logp, ref_ent = full_logits_reference(logits_fn(*hidden), tokens)
+    ref_grads = torch.autograd.grad((ref_logp * weights).sum(), params)
+    arg = hidden if cfg else hidden[0]
+    for chunk in (1, 3, 5, t, t + 7):
+        calls.clear()
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(tuple(x.shape)) or x, lambda x: x):
+            logp, ent = image_code_logprobs(arg, logits_fn, tokens, chunk=chunk, entropy=True)
+        n_chunks = -(-t // chunk)
+        assert calls == [min(chunk, t - k * chunk) for k in range(n_chunks)]
+        assert not any(s and s[-1] == v for s in saved), saved  # no logits kept for the backward
+        assert logp.shape == ent.shape == (b,) and logp.dtype == ent.dtype == torch.float32
+        assert logp.requires_grad and not ent.requires_grad
+        torch.testing.assert_close(logp, ref_logp, atol=1e-4, rtol=1e-6)
+        torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-6)
+        grads = torch.autograd.grad((logp * weights).sum(), params)
+        assert len(calls) == 2 * n_chunks  # recomputed chunk by chunk in the backward
+        for got, want in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        plain = image_code_logprobs(arg, logits_fn, tokens, chunk=chunk)  # entropy=False: the tensor alone
+        assert isinstance(plain, torch.Tensor) and torch.equal(plain.detach(), logp.detach())
+        with torch.no_grad():
+            calls.clear()
+            torch.testing.assert_close(image_code_logprobs(arg, logits_fn, tokens, chunk=chunk), logp.detach())
+            assert len(calls) == n_chunks
+
+
+def test_image_code_logprobs_checks_shapes():
+    hidden = torch.zeros(2, 5, 4)
+    with pytest.raises(ValueError, match="do not match"):
+        image_code_logprobs(hidden, lambda h: h, torch.zeros(2, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk"):
+        image_code_logprobs(hidden, lambda h: h, torch.zeros(2, 5, dtype=torch.long), chunk=0)
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+def test_image_head_uses_only_the_image_code_rows(ckpt):
+    """The restricted head equals the full head then the image columns, without running the full head;
+    a peft-wrapped head falls back to the full head (with its adapter), a biased head keeps its bias rows."""
+    backend = load(ckpt, guidance_scale=1.0)
+    lm_head = backend.model.lm_head
+    assert lm_head.weight is backend.model.get_input_embeddings().weight  # the toy model ties them
+    ids = torch.tensor(vocab(backend)["images"])
+    hidden = torch.randn(2, 5, backend.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    fired: list[int] = []
+    handle = lm_head.register_forward_hook(lambda *_: fired.append(1))
+    try:
+        restricted = backend._image_head(hidden)
+        backend._image_rows = None  # image ids that are not one contiguous range: rows gathered by index
+        indexed = backend._image_head(hidden)
+        with torch.no_grad():  # tied weights, changed in place: the head reads the current rows
+            backend.model.get_input_embeddings().weight[ids[3]] += 1.0
+        changed = backend._image_head(hidden)
+    finally:
+        handle.remove()
+    assert not fired  # the full-vocabulary head never ran
+    full = lm_head(hidden)
+    assert restricted.shape == (2, 5, NUM_CODES) and restricted.dtype == hidden.dtype
+    torch.testing.assert_close(indexed, restricted, atol=0, rtol=0)
+    torch.testing.assert_close(changed, full[..., ids], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(changed[..., 3], restricted[..., 3])
+    torch.testing.assert_close(backend._image_logits(hidden[:, -1]), full[:, -1, ids].float(), atol=1e-5, rtol=1e-5)
+
+    biased = torch.nn.Linear(hidden.shape[-1], len(backend.tokenizer), bias=True)
+    backend.model.lm_head = biased
+    torch.testing.assert_close(backend._image_head(hidden), biased(hidden)[..., ids], atol=1e-5, rtol=1e-5)
+
+    wrapped = load(ckpt, guidance_scale=1.0)
+    plain = wrapped._image_head(hidden)
+    wrapped.add_lora(replace(LORA, target_regex="lm_head"))
+    perturb_lora(wrapped)
+    assert not isinstance(wrapped.model.lm_head, torch.nn.Linear)
+    adapted = wrapped._image_head(hidden)
+    torch.testing.assert_close(adapted, wrapped.model.lm_head(hidden)[..., ids], atol=0, rtol=0)
+    assert not torch.allclose(adapted, plain, atol=1e-3)  # the adapter's term is there
+
+
+def reference_logprobs_full(backend: FusionBackend, prompts: list[str], tokens: torch.Tensor,
+                            guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable full-logits reference (the pre-chunking computation): per prompt, unpadded, one
+    plain forward with the whole-vocabulary head, image columns selected, CFG-mixed, full log-softmax."""
+    v = vocab(backend)
+    image_ids = torch.tensor(v["images"])
+    logps, entropies = [], []
+    for prompt, row in zip(prompts, tokens, strict=True):
+        img = image_ids[row[:-1]].tolist()
+
+        def image_logits(prefix: list[int], img: list[int] = img) -> torch.Tensor:
+            logits = backend.model(input_ids=torch.tensor([prefix + img])).logits[0]
+            return logits[len(prefix) - 1:][:, image_ids].float()
+
+        logits = image_logits([v["bos"], *words(backend, prompt), v["boi"]])
+        if guidance != 1.0:
+            uncond = image_logits([v["bos"], v["boi"]])
+            logits = uncond + guidance * (logits - uncond)
+        logp, ent = full_logits_reference(logits, row)
+        logps.append(logp)
+        entropies.append(ent)
+    return torch.stack(logps), torch.stack(entropies)
+
+
+@pytest.mark.parametrize("mode", list(LogprobMode))
+def test_sequence_logprobs_chunked_equal_full_logits_with_lora_grads(ckpt, mode):
+    backend = load(ckpt, guidance_scale=3.0)
+    backend.logprob_mode = mode
+    backend.add_lora(replace(LORA, alpha=4, dropout=0.0))
+    perturb_lora(backend)
+    params = backend.trainable_parameters()
+    tokens = torch.randint(0, NUM_CODES, (2, NUM_TOKENS), generator=torch.Generator().manual_seed(0))
+    ref_logp, ref_ent = reference_logprobs_full(backend, PROMPTS, tokens, 3.0 if mode is LogprobMode.cfg else 1.0)
+    assert_chunked_logprobs_match(backend, PROMPTS, tokens, (3, NUM_TOKENS, 64), ref_logp, ref_ent, params)
+
+
+def test_training_forward_builds_no_kv_cache(cfg_backend):
+    cfg_backend.logprob_mode = LogprobMode.cfg
+    seen: list = []
+    handle = cfg_backend.model.model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: seen.append(kwargs.get("use_cache")), with_kwargs=True)
+    try:
+        tokens = torch.randint(0, NUM_CODES, (2, NUM_TOKENS), generator=torch.Generator().manual_seed(1))
+        cfg_backend.sequence_logprobs(PROMPTS, tokens)
+    finally:
+        handle.remove()
+        cfg_backend.logprob_mode = LogprobMode.conditional
+    assert seen == [False]  # one forward (cond + uncond rows together), without a KV cache
+
+
+def test_gradient_checkpointing_same_loss_and_grads(ckpt):
+    backend = load(ckpt, guidance_scale=3.0)
+    backend.logprob_mode = LogprobMode.cfg
+    backend.add_lora(replace(LORA, alpha=4, dropout=0.0))
+    perturb_lora(backend)
+    tokens = torch.randint(0, NUM_CODES, (2, NUM_TOKENS), generator=torch.Generator().manual_seed(2))
+    assert_checkpointing_keeps_loss_and_grads(
+        backend, backend.model.model.layers[0].mlp,
+        lambda: (backend.sequence_logprobs(PROMPTS, tokens) * torch.tensor([1.0, -0.5])).sum(),
+        backend.trainable_parameters(), backend.model.train)
+
+
+@pytest.mark.parametrize("mode", list(LogprobMode))
+def test_bfloat16_sequence_logprobs_and_backward(ckpt, mode):
+    """The CUDA path's dtype (bf16 weights, float32 LoRA from peft) on CPU: float32 finite log-probs close
+    to the float32 model's, a backward, and sampling through the restricted head."""
+    tokens = torch.randint(0, NUM_CODES, (2, NUM_TOKENS), generator=torch.Generator().manual_seed(3))
+    out = {}
+    for dtype in (Dtype.float32, Dtype.bfloat16):
+        backend = FusionBackend.load(ModelConfig(path=str(ckpt), dtype=dtype), SamplingConfig(guidance_scale=3.0),
+                                     logprob_mode=mode)
+        assert backend.model.dtype == getattr(torch, dtype.value)
+        backend.add_lora(replace(LORA, alpha=4, dropout=0.0))
+        perturb_lora(backend)
+        logp, ent = backend.sequence_logprobs(PROMPTS, tokens, entropy=True)
+        assert logp.dtype == ent.dtype == torch.float32 and logp.shape == (2,)
+        assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
+        logp.sum().backward()
+        grads = [p.grad for p in backend.trainable_parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+        drawn = backend.sample_with_logprobs(PROMPTS, [1, 2])
+        assert drawn.tokens.shape == (2, NUM_TOKENS) and torch.isfinite(drawn.logp_cfg).all()
+        out[dtype] = logp.detach(), ent
+    torch.testing.assert_close(out[Dtype.bfloat16][0], out[Dtype.float32][0], rtol=0.03, atol=0)
+    torch.testing.assert_close(out[Dtype.bfloat16][1], out[Dtype.float32][1], atol=0.05, rtol=0)

@@ -31,7 +31,12 @@ from silmm.backends.common import (
     yes_no_token_ids,
 )
 from silmm.backends.janus import JanusBackend, build_tiny_janus
-from silmm.config import LogprobMode, LoraConfig, ModelConfig, SamplingConfig
+from silmm.config import Dtype, LogprobMode, LoraConfig, ModelConfig, SamplingConfig
+from tests.helpers import (
+    assert_checkpointing_keeps_loss_and_grads,
+    assert_chunked_logprobs_match,
+    full_logits_reference,
+)
 
 PROMPTS = ["a red cube", "two green spheres to the left of a wooden table"]
 QUESTIONS = [
@@ -316,3 +321,99 @@ def test_lora_regex_must_match(backend):
         f"model.language_model.layers.{i}.{m}" for i in range(2) for m in (
             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+# ------------------------------------------------------------------------------------ chunked log-probs, memory
+NUM_CODES = 64  # build_tiny_janus: vq num_embeddings
+
+
+def reference_logprobs_full(backend: JanusBackend, prompts: list[str], tokens: torch.Tensor,
+                            mode: LogprobMode) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable full-logits reference (the pre-chunking computation), per prompt and unpadded: chat
+    ids + <begin_of_image>, then the image-generation embeddings, through the language model, the whole
+    generation head in float32, CFG-mixed (unconditional: all but BOS and <begin_of_image> -> pad)."""
+    model, tok = backend.model, backend.tokenizer
+    boi = tok.convert_tokens_to_ids("<begin_of_image>")
+    pad = backend.generation_config.pad_token_id
+    logps, entropies = [], []
+    for prompt, row in zip(prompts, tokens, strict=True):
+        ids = torch.tensor([tok(backend._chat(prompt, system=False))["input_ids"] + [boi]])
+        branches = [ids]
+        if mode is LogprobMode.cfg:
+            branches.append(torch.where((ids == boi) | (ids == tok.bos_token_id), ids, torch.full_like(ids, pad)))
+        logits = []
+        for x in branches:
+            embeds = torch.cat([model.get_input_embeddings()(x),
+                                model.prepare_embeddings_for_image_generation(row[None, :-1])], 1)
+            hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+            logits.append(model.model.generation_head(hidden[:, x.shape[1] - 1:])[0].float())
+        mixed = logits[0] if len(logits) == 1 else logits[1] + 5.0 * (logits[0] - logits[1])
+        logp, ent = full_logits_reference(mixed, row)
+        logps.append(logp)
+        entropies.append(ent)
+    return torch.stack(logps), torch.stack(entropies)
+
+
+@pytest.mark.parametrize("mode", list(LogprobMode))
+def test_sequence_logprobs_chunked_equal_full_logits_with_lora_grads(ckpt, mode):
+    backend = load(ckpt, guidance_scale=5.0)
+    backend.logprob_mode = mode
+    backend.add_lora(replace(LORA, alpha=4))
+    perturb_lora(backend)
+    params = backend.trainable_parameters()
+    tokens = torch.randint(0, NUM_CODES, (2, backend.num_image_tokens), generator=torch.Generator().manual_seed(0))
+    ref_logp, ref_ent = reference_logprobs_full(backend, PROMPTS, tokens, mode)
+    assert_chunked_logprobs_match(backend, PROMPTS, tokens, (3, 5, backend.num_image_tokens, 64), ref_logp, ref_ent, params)
+
+
+@pytest.mark.parametrize("mode", list(LogprobMode))
+def test_training_forward_builds_no_kv_cache(backend, mode):
+    backend.logprob_mode = mode
+    seen: list = []
+    handle = backend._lm.register_forward_pre_hook(
+        lambda _m, _args, kwargs: seen.append(kwargs.get("use_cache")), with_kwargs=True)
+    try:
+        tokens = torch.randint(0, NUM_CODES, (2, backend.num_image_tokens), generator=torch.Generator().manual_seed(1))
+        backend.sequence_logprobs(PROMPTS, tokens)
+    finally:
+        handle.remove()
+        backend.logprob_mode = LogprobMode.conditional
+    assert seen == [False] * (2 if mode is LogprobMode.cfg else 1)
+
+
+def test_gradient_checkpointing_same_loss_and_grads(ckpt):
+    backend = load(ckpt)
+    backend.add_lora(LoraConfig(r=4, alpha=4, dropout=0.0))
+    perturb_lora(backend)
+    tokens = torch.randint(0, NUM_CODES, (2, backend.num_image_tokens), generator=torch.Generator().manual_seed(2))
+    assert_checkpointing_keeps_loss_and_grads(
+        backend, backend._lm.layers[0].mlp,
+        lambda: (backend.sequence_logprobs(PROMPTS, tokens) * torch.tensor([1.0, -0.5])).sum(),
+        backend.trainable_parameters(), backend.train)
+
+
+@pytest.mark.parametrize("mode", list(LogprobMode))
+def test_bfloat16_sequence_logprobs_and_backward(ckpt, mode):
+    """The CUDA path's dtype (bf16 weights, float32 LoRA from peft) on CPU: float32 finite log-probs close
+    to the float32 model's, and a backward."""
+    tokens = torch.randint(0, NUM_CODES, (2, 16), generator=torch.Generator().manual_seed(3))
+    out = {}
+    for dtype in (Dtype.float32, Dtype.bfloat16):
+        backend = JanusBackend.load(ModelConfig(path=str(ckpt), dtype=dtype), SamplingConfig(guidance_scale=5.0),
+                                    logprob_mode=mode)
+        assert backend.model.dtype == getattr(torch, dtype.value)
+        backend.add_lora(LoraConfig(r=4, alpha=4, dropout=0.0))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # A and B seeded alike in both models (peft draws A from the global RNG)
+            for name, p in backend.peft.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "lora_B" in name else 0.2))
+        logp, ent = backend.sequence_logprobs(PROMPTS, tokens, entropy=True)
+        assert logp.dtype == ent.dtype == torch.float32 and logp.shape == (2,)
+        assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
+        logp.sum().backward()
+        grads = [p.grad for p in backend.trainable_parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+        out[dtype] = logp.detach(), ent
+    torch.testing.assert_close(out[Dtype.bfloat16][0], out[Dtype.float32][0], rtol=0.03, atol=0)
+    torch.testing.assert_close(out[Dtype.bfloat16][1], out[Dtype.float32][1], atol=0.05, rtol=0)

@@ -57,6 +57,14 @@ def test_overrides_win_over_file_and_explicit_values_are_kept(tmp_path, ckpt):
         ("sampling:\n  top_p: 1.5\n", None, "sampling.top_p", "(0, 1]"),
         ("pairs:\n  rejected_ranks: [5, 20]\n", None, "pairs.rejected_ranks", "samples_per_prompt"),
         ("executor:\n  stages:\n    sampling: {}\n", None, "executor.stages.sampling", "unknown stage"),
+        # label smoothing belongs to cdpo / rdpo only; they need a flip rate in (0, 0.5)
+        ("train:\n  label_smoothing: 0.1\n", None, "train.label_smoothing", "only used by train.loss=cdpo"),
+        ("train:\n  loss: cdpo\n", None, "train.label_smoothing", "needs a label-flip rate in (0, 0.5)"),
+        ("train:\n  loss: rdpo\n", "train.label_smoothing=0.5", "train.label_smoothing", "(0, 0.5)"),
+        ("", "train.ipo_normalization=tokens", "train.ipo_normalization", "expected one of"),
+        ("", "train.heldout_fraction=0.7", "train.heldout_fraction", "[0, 0.5)"),
+        ("", "train.eval_every=0", "train.eval_every", "must be > 0"),
+        ("", "train.prefetch=-1", "train.prefetch", "0 = off"),
     ],
 )
 def test_errors_name_the_key_and_the_source(tmp_path, ckpt, yaml_extra, override, key, phrase):

@@ -14,10 +14,12 @@ from hypothesis.extra import numpy as hnp
 
 from silmm.config import KernelAggregation, KernelDistance
 from silmm.losses import (
+    cdpo_loss,
     dpo_loss,
     ipo_loss,
     kcdpo_loss,
     kernel_distance,
+    rdpo_loss,
     sft_continuous_loss,
     sft_discrete_loss,
 )
@@ -64,60 +66,199 @@ def t64(x: np.ndarray, grad: bool = False) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- DPO
-@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
-def test_dpo_matches_hand_computation(eps):
+def naive_neg_log_sigmoid(x: float) -> float:
+    """-log sigmoid(x) straight from the definition (numpy; fine for the moderate |x| it is used at)."""
+    return float(-np.log(1.0 / (1.0 + np.exp(-x))))
+
+
+def ref_cdpo(beta_h: float, eps: float) -> float:
+    return (1 - eps) * neg_log_sigmoid(beta_h) + eps * neg_log_sigmoid(-beta_h)
+
+
+def ref_rdpo(beta_h: float, eps: float) -> float:
+    return ((1 - eps) * neg_log_sigmoid(beta_h) - eps * neg_log_sigmoid(-beta_h)) / (1 - 2 * eps)
+
+
+def margins(pc, pr, rc, rr) -> list[float]:
+    return [float((pc[i] - rc[i]) - (pr[i] - rr[i])) for i in range(len(pc))]
+
+
+def h_of(args: list[torch.Tensor]) -> torch.Tensor:
+    pc, pr, rc, rr = args
+    return (pc - rc) - (pr - rr)
+
+
+def check_rewards(out, pc, pr, rc, rr, beta):
+    for i in range(len(pc)):
+        assert out.chosen_rewards[i].item() == pytest.approx(beta * (pc[i] - rc[i]), rel=1e-12)
+        assert out.rejected_rewards[i].item() == pytest.approx(beta * (pr[i] - rr[i]), rel=1e-12)
+        assert out.policy_chosen_logps[i].item() == pc[i] and out.policy_rejected_logps[i].item() == pr[i]
+
+
+def test_dpo_matches_hand_computation():
     rng = np.random.default_rng(0)
     pc, pr, rc, rr = rand_logps(rng, 16)
     beta = 0.2
-    out = dpo_loss(t64(pc), t64(pr), t64(rc), t64(rr), beta=beta, label_smoothing=eps)
-    for i in range(16):
-        h = (pc[i] - rc[i]) - (pr[i] - rr[i])
-        want = (1 - eps) * neg_log_sigmoid(beta * h) + eps * neg_log_sigmoid(-beta * h)
-        assert out.losses[i].item() == pytest.approx(want, rel=1e-12, abs=1e-12)
-        assert out.chosen_rewards[i].item() == pytest.approx(beta * (pc[i] - rc[i]), rel=1e-12)
-        assert out.rejected_rewards[i].item() == pytest.approx(beta * (pr[i] - rr[i]), rel=1e-12)
+    out = dpo_loss(t64(pc), t64(pr), t64(rc), t64(rr), beta=beta)
+    for i, h in enumerate(margins(pc, pr, rc, rr)):
+        assert out.losses[i].item() == pytest.approx(neg_log_sigmoid(beta * h), rel=1e-12, abs=1e-12)
+        assert out.losses[i].item() == pytest.approx(naive_neg_log_sigmoid(beta * h), rel=1e-9, abs=1e-12)
+    check_rewards(out, pc, pr, rc, rr, beta)
     assert out.loss.item() == pytest.approx(float(np.mean(out.losses.numpy())), rel=1e-12)
 
 
-def test_dpo_label_smoothing_zero_is_plain_dpo():
-    rng = np.random.default_rng(1)
+@pytest.mark.parametrize("eps", [0.05, 0.1, 0.3, 0.45])
+def test_cdpo_matches_hand_computation(eps):
+    rng = np.random.default_rng(10)
+    pc, pr, rc, rr = rand_logps(rng, 16, scale=5.0)
+    beta = 0.2
+    out = cdpo_loss(t64(pc), t64(pr), t64(rc), t64(rr), beta=beta, label_smoothing=eps)
+    for i, h in enumerate(margins(pc, pr, rc, rr)):
+        assert out.losses[i].item() == pytest.approx(ref_cdpo(beta * h, eps), rel=1e-12, abs=1e-12)
+        naive = (1 - eps) * naive_neg_log_sigmoid(beta * h) + eps * naive_neg_log_sigmoid(-beta * h)
+        assert out.losses[i].item() == pytest.approx(naive, rel=1e-9)
+    check_rewards(out, pc, pr, rc, rr, beta)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1, 0.3, 0.45])
+def test_rdpo_matches_hand_computation(eps):
+    rng = np.random.default_rng(11)
+    pc, pr, rc, rr = rand_logps(rng, 16, scale=5.0)
+    beta = 0.2
+    out = rdpo_loss(t64(pc), t64(pr), t64(rc), t64(rr), beta=beta, label_smoothing=eps)
+    for i, h in enumerate(margins(pc, pr, rc, rr)):
+        assert out.losses[i].item() == pytest.approx(ref_rdpo(beta * h, eps), rel=1e-12, abs=1e-12)
+        naive = ((1 - eps) * naive_neg_log_sigmoid(beta * h) - eps * naive_neg_log_sigmoid(-beta * h)) / (1 - 2 * eps)
+        assert out.losses[i].item() == pytest.approx(naive, rel=1e-9, abs=1e-12)
+    check_rewards(out, pc, pr, rc, rr, beta)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.1, 0.25, 0.4, 0.49])
+def test_rdpo_is_unbiased_under_label_flips(eps):
+    """Chowdhury et al. 2024: if each label is flipped with probability eps, the expected rDPO loss is the
+    clean DPO loss, (1 - eps) L(h) + eps L(-h) = -log sigmoid(beta h), for every h."""
+    rng = np.random.default_rng(12)
+    pc, pr, rc, rr = (t64(x) for x in rand_logps(rng, 64, scale=10.0))
+    beta = 0.3
+    kept = rdpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps).losses
+    flipped = rdpo_loss(pr, pc, rr, rc, beta=beta, label_smoothing=eps).losses  # chosen <-> rejected: h -> -h
+    expected = (1 - eps) * kept + eps * flipped
+    for i, h in enumerate(margins(pc.numpy(), pr.numpy(), rc.numpy(), rr.numpy())):
+        assert abs(expected[i].item() - neg_log_sigmoid(beta * h)) <= 1e-12 * max(1.0, abs(beta * h))
+    clean = dpo_loss(pc, pr, rc, rr, beta=beta).losses
+    assert torch.allclose(expected, clean, rtol=1e-12, atol=1e-12)
+    # cDPO is not: its expectation under flips is a different (more smoothed) loss
+    c_kept = cdpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps).losses
+    c_flipped = cdpo_loss(pr, pc, rr, rc, beta=beta, label_smoothing=eps).losses
+    assert not torch.allclose((1 - eps) * c_kept + eps * c_flipped, clean, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_rdpo_differs_from_cdpo(eps):
+    rng = np.random.default_rng(13)
     args = [t64(x) for x in rand_logps(rng, 8)]
-    plain = dpo_loss(*args, beta=0.5)
-    smoothed0 = dpo_loss(*args, beta=0.5, label_smoothing=0.0)
-    assert torch.equal(plain.losses, smoothed0.losses)
-    # and eps > 0 is a different, larger loss wherever the pair is already ranked right
-    smoothed = dpo_loss(*args, beta=0.5, label_smoothing=0.2)
-    right = plain.chosen_rewards > plain.rejected_rewards
-    assert (smoothed.losses[right] > plain.losses[right]).all()
+    c = cdpo_loss(*args, beta=0.5, label_smoothing=eps).losses
+    r = rdpo_loss(*args, beta=0.5, label_smoothing=eps).losses
+    h = (args[0] - args[2]) - (args[1] - args[3])
+    assert (h != 0).all() and (c != r).all() and not torch.allclose(c, r, rtol=1e-3)
+    # both equal log 2 at h = 0 (policy == reference), where the variants cannot differ
+    x = torch.zeros(3, dtype=torch.float64)
+    for fn in (cdpo_loss, rdpo_loss):
+        assert torch.allclose(fn(x, x, x, x, beta=0.5, label_smoothing=eps).losses,
+                              torch.full((3,), math.log(2), dtype=torch.float64))
+
+
+def test_cdpo_and_rdpo_tend_to_dpo_as_eps_vanishes():
+    rng = np.random.default_rng(14)
+    args = [t64(x) for x in rand_logps(rng, 8, scale=3.0)]
+    plain = dpo_loss(*args, beta=0.5).losses
+    for fn in (cdpo_loss, rdpo_loss):
+        assert torch.allclose(fn(*args, beta=0.5, label_smoothing=1e-9).losses, plain, rtol=1e-6, atol=1e-6)
+    # cDPO costs more than DPO wherever the pair is already ranked right (it hedges against a flip)
+    smoothed = cdpo_loss(*args, beta=0.5, label_smoothing=0.2).losses
+    right = h_of(args) > 0
+    assert right.any() and (smoothed[right] > plain[right]).all()
 
 
 def test_dpo_metrics_by_hand():
     pc, pr = np.array([-10.0, -20.0, -5.0]), np.array([-12.0, -15.0, -5.0])
     rc, rr = np.array([-11.0, -19.0, -6.0]), np.array([-11.0, -16.0, -4.0])
     beta = 0.5
-    m = dpo_loss(t64(pc), t64(pr), t64(rc), t64(rr), beta=beta).metrics()
-    assert set(m) == DPO_KEYS and all(isinstance(v, float) for v in m.values())
-    cr = [beta * (a - b) for a, b in zip(pc, rc, strict=True)]  # 0.5, -0.5, 0.5
-    rj = [beta * (a - b) for a, b in zip(pr, rr, strict=True)]  # -0.5, 0.5, -0.5
-    assert m["rewards/chosen"] == pytest.approx(sum(cr) / 3)
-    assert m["rewards/rejected"] == pytest.approx(sum(rj) / 3)
-    assert m["rewards/margins"] == pytest.approx((sum(cr) - sum(rj)) / 3)
-    assert m["rewards/accuracies"] == pytest.approx(2 / 3)
-    assert m["logps/chosen"] == pytest.approx(-35 / 3)
-    assert m["logps/rejected"] == pytest.approx(-32 / 3)
+    for out in (dpo_loss(t64(pc), t64(pr), t64(rc), t64(rr), beta=beta),
+                cdpo_loss(t64(pc), t64(pr), t64(rc), t64(rr), beta=beta, label_smoothing=0.1),
+                rdpo_loss(t64(pc), t64(pr), t64(rc), t64(rr), beta=beta, label_smoothing=0.1)):
+        m = out.metrics()
+        assert set(m) == DPO_KEYS and all(isinstance(v, float) for v in m.values())
+        cr = [beta * (a - b) for a, b in zip(pc, rc, strict=True)]  # 0.5, -0.5, 0.5
+        rj = [beta * (a - b) for a, b in zip(pr, rr, strict=True)]  # -0.5, 0.5, -0.5
+        assert m["rewards/chosen"] == pytest.approx(sum(cr) / 3)
+        assert m["rewards/rejected"] == pytest.approx(sum(rj) / 3)
+        assert m["rewards/margins"] == pytest.approx((sum(cr) - sum(rj)) / 3)
+        assert m["rewards/accuracies"] == pytest.approx(2 / 3)
+        assert m["logps/chosen"] == pytest.approx(-35 / 3)
+        assert m["logps/rejected"] == pytest.approx(-32 / 3)
 
 
-@pytest.mark.parametrize("eps", [0.0, 0.2])
-def test_dpo_gradient_signs(eps):
+def test_dpo_gradient_signs():
     rng = np.random.default_rng(2)
     pc, pr, rc, rr = (t64(x, grad=True) for x in rand_logps(rng, 6, scale=1.0))
-    dpo_loss(pc, pr, rc, rr, beta=0.2, label_smoothing=eps).loss.backward()
-    if eps == 0.0:
-        # raising the chosen log-prob (or lowering the rejected one) always lowers plain DPO's loss
-        assert (pc.grad < 0).all() and (pr.grad > 0).all()
-        assert (rc.grad > 0).all() and (rr.grad < 0).all()
-    # with smoothing the sign flips only once the margin passes the optimum beta*h* = log((1-eps)/eps)
+    dpo_loss(pc, pr, rc, rr, beta=0.2).loss.backward()
+    # raising the chosen log-prob (or lowering the rejected one) always lowers DPO's loss
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()
+    assert (rc.grad > 0).all() and (rr.grad < 0).all()
     assert torch.allclose(pc.grad, -pr.grad) and torch.allclose(pc.grad, -rc.grad)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.2, 0.45])
+def test_rdpo_gradient_always_raises_the_margin(eps):
+    """d L / d(beta h) = -[(1 - eps) sigmoid(-beta h) + eps sigmoid(beta h)] / (1 - 2 eps): never 0, even
+    far past any margin, so descent raises the chosen margin everywhere."""
+    beta = 0.5
+    bh = np.array([-40.0, -3.0, -0.1, 0.0, 0.1, 3.0, 40.0])
+    pc = t64(bh / beta, grad=True)
+    pr, rc, rr = (torch.zeros(len(bh), dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rdpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps).losses.sum().backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all() and (rc.grad > 0).all() and (rr.grad < 0).all()
+    for i, x in enumerate(bh):  # per-example gradient against the hand derivative (times beta)
+        sig = 1 / (1 + math.exp(-x))
+        want = -beta * ((1 - eps) * (1 - sig) + eps * sig) / (1 - 2 * eps)
+        assert pc.grad[i].item() == pytest.approx(want, rel=1e-10)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.2, 0.45])
+def test_cdpo_gradient_raises_the_margin_up_to_its_optimum(eps):
+    """cDPO's d L / d(beta h) = sigmoid(beta h) - (1 - eps): descent raises the margin below the optimum
+    beta h* = log((1 - eps) / eps) and lowers it above, where it would be overconfident."""
+    beta = 0.5
+    opt = math.log((1 - eps) / eps)
+    bh = np.array([-5.0, 0.0, opt - 0.5, opt + 0.5, opt + 5.0])
+    pc = t64(bh / beta, grad=True)
+    pr, rc, rr = (torch.zeros(len(bh), dtype=torch.float64) for _ in range(3))
+    cdpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps).losses.sum().backward()
+    below = torch.from_numpy(bh < opt)
+    assert (pc.grad[below] < 0).all() and (pc.grad[~below] > 0).all()
+    for i, x in enumerate(bh):
+        assert pc.grad[i].item() == pytest.approx(beta * (1 / (1 + math.exp(-x)) - (1 - eps)), rel=1e-10)
+    at_opt = t64(np.array([opt / beta]), grad=True)
+    z = torch.zeros(1, dtype=torch.float64)
+    cdpo_loss(at_opt, z, z, z, beta=beta, label_smoothing=eps).loss.backward()
+    assert at_opt.grad.item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["dpo", "cdpo", "rdpo", "ipo"])
+def test_descent_step_raises_the_chosen_margin(variant):
+    """From policy == reference, one gradient step on the policy log-probs raises h and lowers the loss."""
+    fn = {"dpo": dpo_loss, "ipo": ipo_loss,
+          "cdpo": lambda *a, **k: cdpo_loss(*a, **k, label_smoothing=0.2),
+          "rdpo": lambda *a, **k: rdpo_loss(*a, **k, label_smoothing=0.2)}[variant]
+    rc, rr = torch.tensor([-50.0, -20.0], dtype=torch.float64), torch.tensor([-48.0, -25.0], dtype=torch.float64)
+    pc, pr = rc.clone().requires_grad_(True), rr.clone().requires_grad_(True)
+    out = fn(pc, pr, rc, rr, beta=0.2)
+    out.loss.backward()
+    pc2, pr2 = (pc - 0.1 * pc.grad).detach(), (pr - 0.1 * pr.grad).detach()
+    out2 = fn(pc2, pr2, rc, rr, beta=0.2)
+    assert out2.loss.item() < out.loss.item()
+    assert ((pc2 - rc) - (pr2 - rr) > 0).all() and out2.metrics()["rewards/accuracies"] == 1.0
 
 
 def test_dpo_chosen_step_decreases_loss():
@@ -135,14 +276,36 @@ def test_dpo_at_reference_is_log2():
     assert out.metrics()["rewards/accuracies"] == 0.0
 
 
-def test_dpo_rejects_bad_arguments():
+@pytest.mark.parametrize("beta", [0.0, -0.1, math.nan, math.inf])
+def test_dpo_family_rejects_bad_beta(beta):
     x = torch.zeros(3)
-    with pytest.raises(ValueError):
-        dpo_loss(x, x, x, torch.zeros(4), beta=0.1)
-    with pytest.raises(ValueError):
-        dpo_loss(x, x, x, x, beta=0.0)
-    with pytest.raises(ValueError):
-        dpo_loss(x, x, x, x, beta=0.1, label_smoothing=0.7)
+    for call in (lambda: dpo_loss(x, x, x, x, beta=beta), lambda: ipo_loss(x, x, x, x, beta=beta),
+                 lambda: cdpo_loss(x, x, x, x, beta=beta, label_smoothing=0.1),
+                 lambda: rdpo_loss(x, x, x, x, beta=beta, label_smoothing=0.1)):
+        with pytest.raises(ValueError, match="beta"):
+            call()
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.5, -0.1, 0.7, 1.0, math.nan])
+def test_cdpo_rdpo_reject_bad_label_smoothing(eps):
+    x = torch.zeros(3)
+    for fn in (cdpo_loss, rdpo_loss):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            fn(x, x, x, x, beta=0.1, label_smoothing=eps)
+
+
+def test_dpo_family_rejects_bad_shapes_and_old_api():
+    x = torch.zeros(3)
+    for call in (lambda: dpo_loss(x, x, x, torch.zeros(4), beta=0.1),
+                 lambda: ipo_loss(x, x, torch.zeros(4), x, beta=0.1),
+                 lambda: cdpo_loss(x, torch.zeros(4), x, x, beta=0.1, label_smoothing=0.1),
+                 lambda: rdpo_loss(torch.zeros(4), x, x, x, beta=0.1, label_smoothing=0.1)):
+        with pytest.raises(ValueError, match="same shape"):
+            call()
+    with pytest.raises(TypeError):  # smoothing is cdpo_loss / rdpo_loss now, never silently plain DPO
+        dpo_loss(x, x, x, x, beta=0.1, label_smoothing=0.1)
+    with pytest.raises(TypeError):  # and they have no default eps
+        cdpo_loss(x, x, x, x, beta=0.1)
 
 
 # ---------------------------------------------------------------------------------------------- IPO
@@ -359,22 +522,107 @@ def test_sft_continuous_is_kernel_to_chosen(agg, dist):
     assert sft_continuous_loss(t64(Hw), t64(Hw), agg, dist).loss.item() == pytest.approx(0.0, abs=1e-12)
 
 
+# ------------------------------------------------------------------------------------------ metrics
+def loss_inputs(device: str, dtype: torch.dtype = torch.float32, grad: bool = True) -> dict[str, torch.Tensor]:
+    """Random DPO log-probs [4] and KC-DPO features [4, 3, 5] on ``device``; policy ones require grad."""
+    g = torch.Generator().manual_seed(15)
+    shapes = {"pc": (4,), "pr": (4,), "rc": (4,), "rr": (4,),
+              "H": (4, 3, 5), "Hr": (4, 3, 5), "Hw": (4, 3, 5), "Hl": (4, 3, 5)}
+    x = {k: torch.randn(*shape, generator=g, dtype=dtype).to(device) for k, shape in shapes.items()}
+    for k in ("pc", "pr", "H"):
+        x[k].requires_grad_(grad)
+    x["lengths"] = torch.tensor([7, 3, 5, 1], device=device)
+    return x
+
+
+def all_outputs(x: dict[str, torch.Tensor], lengths: bool = True) -> dict[str, object]:
+    """One output of every loss. ``lengths`` adds SFT with a [B] num_tokens tensor, whose validation
+    waits for the device by design."""
+    pc, pr, rc, rr = x["pc"], x["pr"], x["rc"], x["rr"]
+    outs = {
+        "dpo": dpo_loss(pc, pr, rc, rr, beta=0.2),
+        "cdpo": cdpo_loss(pc, pr, rc, rr, beta=0.2, label_smoothing=0.1),
+        "rdpo": rdpo_loss(pc, pr, rc, rr, beta=0.2, label_smoothing=0.1),
+        "ipo": ipo_loss(pc, pr, rc, rr, beta=0.2),
+        "kcdpo": kcdpo_loss(x["H"], x["Hr"], x["Hw"], x["Hl"], 3.0, "avgpool", "cosine"),
+        "sft_discrete": sft_discrete_loss(pc - 10.0, 7),
+        "sft_continuous": sft_continuous_loss(x["H"], x["Hw"], "none", "euclidean"),
+    }
+    if lengths:
+        outs["sft_discrete_lengths"] = sft_discrete_loss(pc - 10.0, x["lengths"])
+    return outs
+
+
+METRIC_KEYS = {"dpo": DPO_KEYS, "cdpo": DPO_KEYS, "rdpo": DPO_KEYS, "ipo": DPO_KEYS, "kcdpo": KCDPO_KEYS,
+               "sft_discrete": {"logps/chosen", "nll/per_token"},
+               "sft_discrete_lengths": {"logps/chosen", "nll/per_token"},
+               "sft_continuous": {"distance/policy_chosen"}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_metric_tensors_equal_metrics(dtype):
+    for name, out in all_outputs(loss_inputs("cpu", dtype)).items():
+        tensors, floats = out.metric_tensors(), out.metrics()
+        assert set(tensors) == set(floats) == METRIC_KEYS[name], name
+        for key, t in tensors.items():
+            assert isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype == torch.float64, (name, key)
+            assert not t.requires_grad and t.grad_fn is None, (name, key)
+            assert t.device.type == "cpu"
+            assert isinstance(floats[key], float) and floats[key] == t.item(), (name, key)
+        # and they are the float64 batch means of the per-example statistics
+        if name in ("dpo", "cdpo", "rdpo", "ipo"):
+            want = out.chosen_rewards.double().mean().item()
+            assert tensors["rewards/chosen"].item() == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_metric_tensors_stay_on_the_input_device():
+    """On the meta device nothing is ever computed or copied: any host transfer or .item() would raise."""
+    outs = all_outputs(loss_inputs("meta", grad=False), lengths=False)
+    for name, out in outs.items():
+        assert out.losses.device.type == "meta", name
+        for key, t in out.metric_tensors().items():
+            assert t.device.type == "meta" and t.dim() == 0 and t.dtype == torch.float64, (name, key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_losses_and_metric_tensors_do_not_synchronise_on_cuda():
+    x = loss_inputs("cuda")  # the host-to-device copies of the inputs do wait; they are not under test
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = all_outputs(x, lengths=False)
+        assert len(outs) == 7
+        for name, out in outs.items():
+            out.loss.backward(retain_graph=True)
+            for key, t in out.metric_tensors().items():
+                assert t.device.type == "cuda" and t.dim() == 0, (name, key)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # ------------------------------------------------------------------------------ properties, stability
 finite_logp = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False, width=32)
 logp_vectors = st.integers(1, 6).flatmap(lambda n: st.tuples(*[st.lists(finite_logp, min_size=n, max_size=n)] * 4))
 
 
 @settings(max_examples=60, deadline=None)
-@given(logps=logp_vectors, beta=st.floats(1e-3, 10.0), eps=st.sampled_from([0.0, 0.1, 0.5]))
-def test_dpo_ipo_finite_nonnegative(logps, beta, eps):
-    pc, pr, rc, rr = (torch.tensor(x, dtype=torch.float32, requires_grad=True) for x in logps)
-    for out in (dpo_loss(pc, pr, rc, rr, beta, eps), ipo_loss(pc, pr, rc, rr, beta)):
+@given(logps=logp_vectors, beta=st.floats(1e-3, 10.0), eps=st.sampled_from([1e-6, 0.1, 0.25, 0.49]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_dpo_family_finite(logps, beta, eps, dtype):
+    pc, pr, rc, rr = (torch.tensor(x, dtype=dtype) for x in logps)
+    outs = {"dpo": dpo_loss(pc, pr, rc, rr, beta), "ipo": ipo_loss(pc, pr, rc, rr, beta),
+            "cdpo": cdpo_loss(pc, pr, rc, rr, beta, eps), "rdpo": rdpo_loss(pc, pr, rc, rr, beta, eps)}
+    for name, out in outs.items():
         assert out.losses.shape == pc.shape
-        assert torch.isfinite(out.losses).all() and (out.losses >= 0).all()
+        assert torch.isfinite(out.losses).all()
+        if name != "rdpo":  # rDPO is an unbiased estimate, not a bound: it goes negative at large margins
+            assert (out.losses >= 0).all()
         m = out.metrics()
         assert set(m) == DPO_KEYS and all(math.isfinite(v) for v in m.values())
-    dpo_loss(pc, pr, rc, rr, beta, eps).loss.backward()
-    assert torch.isfinite(pc.grad).all()
+    for fn, extra in ((dpo_loss, ()), (ipo_loss, ()), (cdpo_loss, (eps,)), (rdpo_loss, (eps,))):
+        leaf = pc.clone().requires_grad_(True)
+        fn(leaf, pr, rc, rr, beta, *extra).loss.backward()
+        assert torch.isfinite(leaf.grad).all()
 
 
 def feature_arrays(bound: float):
@@ -412,12 +660,26 @@ def test_cosine_kernel_finite_at_any_magnitude(feats, agg):
 def test_huge_logit_differences_are_stable(dtype):
     big = torch.tensor([1e4, -1e4, 3e4, -3e4], dtype=dtype)
     zero = torch.zeros(4, dtype=dtype)
-    for eps in (0.0, 0.25):
+    variants = [lambda *a: dpo_loss(*a, beta=1.0)]
+    for eps in (1e-3, 0.25, 0.49):
+        variants += [lambda *a, eps=eps: cdpo_loss(*a, beta=1.0, label_smoothing=eps),
+                     lambda *a, eps=eps: rdpo_loss(*a, beta=1.0, label_smoothing=eps)]
+    for fn in variants:
         pc = big.clone().requires_grad_(True)
-        out = dpo_loss(pc, zero, zero, zero, beta=1.0, label_smoothing=eps)
+        out = fn(pc, zero, zero, zero)
         assert torch.isfinite(out.losses).all()
         out.loss.backward()
-        assert torch.isfinite(pc.grad).all()
+        assert torch.isfinite(pc.grad).all() and (pc.grad != 0).any()
+        assert all(math.isfinite(v) for v in out.metrics().values())
+    # both smoothed losses are linear at both ends, with the hand-derived slopes (not inf, not nan)
+    eps = 0.25
+    c = cdpo_loss(big, zero, zero, zero, beta=1.0, label_smoothing=eps).losses.float()
+    r = rdpo_loss(big, zero, zero, zero, beta=1.0, label_smoothing=eps).losses.float()
+    h = big.float()
+    assert c[2].item() == pytest.approx(eps * h[2].item(), rel=1e-2)
+    assert c[3].item() == pytest.approx(-(1 - eps) * h[3].item(), rel=1e-2)
+    assert r[2].item() == pytest.approx(-eps * h[2].item() / (1 - 2 * eps), rel=1e-2)
+    assert r[3].item() == pytest.approx(-(1 - eps) * h[3].item() / (1 - 2 * eps), rel=1e-2)
     plain = dpo_loss(big, zero, zero, zero, beta=1.0).losses.float()
     # right-ranked pairs cost ~0, wrong-ranked ones cost ~|beta h| (linear, not inf)
     h = big.float()

@@ -26,9 +26,9 @@ import jobs.train as J
 from silmm import distributed as D
 from silmm import trainer as T
 from silmm.backends.janus import JanusBackend
-from silmm.config import Loss, ModelConfig, SamplingConfig
+from silmm.config import Loss, ModelConfig, SamplingConfig, TrainConfig
 from silmm.models import load_backend
-from silmm.store import ShardMeta, write_shard
+from silmm.store import ShardMeta, StoreOptions, write_shard
 from silmm.tasks import StageTask, run_task
 from tests.helpers import tiny_run
 
@@ -40,10 +40,11 @@ TARGETED = re.compile(r".*language_model\.(model\.)?layers\.\d+\.(self_attn\.(q|
 TRAIN = ["train.max_steps=4", "train.warmup_steps=1", "train.batch_size=2", "train.grad_accum=1", "train.lr=1e-3",
          "train.log_every=1", "train.checkpoint_every=2"]
 DPO_KEYS = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "logps/chosen", "logps/rejected", "lr", "grad_norm", "pairs_per_second"}
+            "logps/chosen", "logps/rejected", "lr", "grad_norm", "pairs_per_second",
+            "entropy/image_tokens", "kl/reference", "logps/chosen_drift", "logps/rejected_drift"}
 KCDPO_KEYS = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
               "distance/policy_chosen", "distance/ref_chosen", "distance/policy_rejected", "distance/ref_rejected",
-              "lr", "grad_norm", "pairs_per_second"}
+              "distance/policy_ref", "lr", "grad_norm", "pairs_per_second"}
 
 
 # ------------------------------------------------------------------------------------ synthetic pairs
@@ -286,14 +287,17 @@ def test_dream_kcdpo_run_and_export_changes_lora_targets_and_queries(tiny_checkp
 
 @pytest.mark.parametrize("backend, loss, keys", [
     ("janus", "ipo", DPO_KEYS),
-    ("janus", "sft", {"step", "loss", "logps/chosen", "nll/per_token", "lr", "pairs_per_second"}),
+    ("janus", "cdpo", DPO_KEYS),
+    ("janus", "sft", {"step", "loss", "logps/chosen", "nll/per_token", "entropy/image_tokens", "lr",
+                      "pairs_per_second"}),
     ("dream", "sft", {"step", "loss", "distance/policy_chosen", "lr", "pairs_per_second"}),
 ])
 def test_other_losses_train(tiny_checkpoints, janus_pairs, dream_pairs, tmp_path, backend, loss, keys):
     pairs = janus_pairs if backend == "janus" else dream_pairs
     # grad_clip=0: no clipping (grad_norm is logged when DeepSpeed computes one, left out otherwise)
+    smoothing = ["train.label_smoothing=0.1"] if loss == "cdpo" else []
     run = make_run(tmp_path, tiny_checkpoints(backend), backend, pairs, f"train.loss={loss}", "train.max_steps=2",
-                   "train.grad_clip=0")
+                   "train.grad_clip=0", *smoothing)
     stats = J.run(run, 1)
     assert stats["reference"] == ("none" if loss == "sft" else "stored")
     assert all(keys <= set(m) <= keys | {"grad_norm"} for m in metrics(run))
@@ -368,8 +372,9 @@ def test_pairs_of_another_run_are_refused(tiny_checkpoints, janus_pairs, tmp_pat
 
 def test_nan_loss_names_step_and_pair_and_keeps_last_good_checkpoint(tiny_checkpoints, janus_pairs, tmp_path):
     run = make_run(tmp_path, tiny_checkpoints("janus"), "janus", None, "train.checkpoint_every=1")
-    order = T.DataOrder(len(PROMPTS), T.order_seed(run.config.run.seed, 1))
-    bad = int(order.rows(2, 1)[0])  # the first pair of step 2 (batch size 2)
+    t, seed = run.config.train, T.order_seed(run.config.run.seed, 1)
+    pool, _ = T.heldout_split(janus_pairs["prompt_id"], t.heldout_fraction, t.heldout_max_pairs, seed)
+    bad = int(T.DataOrder(len(PROMPTS), seed, pool).rows(2, 1)[0])  # the first pair of step 2 (batch size 2)
     data = dict(janus_pairs, chosen_ref_logprob=janus_pairs["chosen_ref_logprob"].copy())
     data["chosen_ref_logprob"][bad] = np.nan
     write_pairs(run, data)
@@ -398,3 +403,122 @@ def test_world_size_2_matches_world_size_1(tiny_checkpoints, janus_pairs, tmp_pa
     assert json.loads(proc.stdout.strip().splitlines()[-1])["world_size"] == 2
     np.testing.assert_allclose(losses(two), losses(one), rtol=0, atol=1e-5)
     assert (two.model_dir(1) / "DONE").is_file()
+
+
+# ------------------------------------------------------------------------- issue #11: at real size
+def test_checkpoint_holds_only_trainable_weights(janus_run):
+    run, _ = janus_run
+    (states,) = (run.train_dir(1) / "checkpoints" / "step_00000004").glob("mp_rank_*_model_states.pt")
+    saved = torch.load(states, map_location="cpu", weights_only=False)["module"]  # our own file, just written
+    backend = load_backend(run, 1)
+    backend.add_lora(run.config.train.lora)
+    trainable = {"parts.model." + n for n, p in backend.model.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable and all("lora_" in k for k in saved)  # no tied lm_head, no buffers
+
+
+def test_bf16_training_exports_the_fp32_master_adapter_and_a_float32_merge(tiny_checkpoints, janus_pairs, tmp_path):
+    # The CUDA path on the CPU: a bf16 model under DeepSpeed bf16 (ZeRO-2 keeps float32 master weights).
+    ckpt = tiny_checkpoints("janus")
+    run = make_run(tmp_path, ckpt, "janus", janus_pairs, "model.dtype=bfloat16")
+    stats = J.run(run, 1)
+    assert np.isfinite(stats["loss"]) and all(np.isfinite(m["loss"]) for m in metrics(run))
+    adapter = load_file(str(run.train_dir(1) / "adapter" / "adapter_model.safetensors"))
+    assert {v.dtype for v in adapter.values()} == {torch.float32}
+    b = torch.cat([v.flatten() for k, v in adapter.items() if "lora_B" in k])
+    # the module copy is bf16: had the adapter come from it, every value would be bf16-representable
+    assert (b.bfloat16().float() != b).float().mean() > 0.5
+    base, merged = load_file(str(ckpt / "model.safetensors")), load_file(str(run.model_dir(1) / "model.safetensors"))
+    assert {v.dtype for v in merged.values()} == {torch.float32}  # the input checkpoint's dtype
+    lora = run.config.train.lora
+    for key in [k for k in base if TARGETED.fullmatch(k)]:
+        stem = key.removesuffix(".weight")
+        a, bb = (next(v for k, v in adapter.items() if k.endswith(f"{stem}.lora_{x}.weight")) for x in "AB")
+        # loaded in bf16, merged once in float32 from the float32 adapter, stored in float32
+        expected = base[key].bfloat16().float() + (bb @ a) * (lora.alpha / lora.r)
+        torch.testing.assert_close(merged[key], expected, atol=1e-7, rtol=0)
+
+
+def _dropout_policy(ckpt, dropout: float):
+    backend = JanusBackend.load(ModelConfig(path=str(ckpt)), SamplingConfig())
+    torch.manual_seed(0)
+    from silmm.config import LoraConfig
+
+    backend.add_lora(LoraConfig(r=4, alpha=4, dropout=dropout,
+                                target_regex=r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"))
+    return T.Policy(backend)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_policy_forward_has_no_dropout_after_updates(tiny_checkpoints, janus_pairs, disable):
+    policy = _dropout_policy(tiny_checkpoints("janus"), dropout=0.5)
+    if disable:
+        assert T.disable_dropout(policy) == 14  # LoRA dropout of 2 layers x 7 projections
+    batch = T.PairsFile.to_batch({"rows": np.arange(2), "text": PROMPTS[:2],
+                                  "chosen_tokens": janus_pairs["chosen_tokens"][:2],
+                                  "rejected_tokens": janus_pairs["rejected_tokens"][:2],
+                                  "chosen_ref_logprob": janus_pairs["chosen_ref_logprob"][:2],
+                                  "rejected_ref_logprob": janus_pairs["rejected_ref_logprob"][:2]}, torch.device("cpu"))
+    opt = torch.optim.SGD(policy.backend.trainable_parameters(), lr=0.05)
+    policy.train()
+    for _ in range(3):  # after a few updates LoRA's B is not zero: dropout would now change the outputs
+        out = policy(batch)
+        T.pair_loss(TrainConfig(beta=0.2), Loss.dpo, batch, out,
+                    (batch.chosen_ref_logps, batch.rejected_ref_logps)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        trained = policy(batch).chosen_logps
+        policy.eval()
+        evaluated = policy(batch).chosen_logps
+    if disable:
+        assert torch.equal(trained, evaluated)
+    else:
+        assert not torch.allclose(trained, evaluated, atol=1e-3)
+
+
+def test_heldout_split_keeps_whole_prompts_and_is_seeded():
+    ids = np.repeat(np.arange(50), 4)  # 50 prompts x 4 pairs
+    train, held = T.heldout_split(ids, 0.2, 1000, seed=3)
+    assert len(train) + len(held) == 200 and not set(train) & set(held)
+    assert not set(ids[train]) & set(ids[held])  # a prompt is on one side only
+    assert 0 < len(held) <= 0.4 * 200
+    again, held_again = T.heldout_split(ids, 0.2, 1000, seed=3)
+    assert np.array_equal(held, held_again) and not np.array_equal(held, T.heldout_split(ids, 0.2, 1000, seed=4)[1])
+    assert len(T.heldout_split(ids, 0.2, 10, seed=3)[1]) <= 8  # capped at whole prompts
+    assert len(T.heldout_split(ids, 0.0, 10, seed=3)[1]) == 0
+    assert len(T.heldout_split(np.zeros(5, int), 0.99, 100, seed=0)[0]) == 5  # one prompt: kept for training
+
+
+def test_prefetcher_reads_what_inline_reads_in_order(tiny_checkpoints, janus_pairs, tmp_path):
+    run = make_run(tmp_path, tiny_checkpoints("janus"), "janus", janus_pairs)
+    pairs = T.PairsFile(run.pairs_path(1), run.config_hash, 1, StoreOptions())
+    schedule = [np.array([i % 6, (i * 5) % 6]) for i in range(7)]
+    inline = T.Prefetcher(pairs, schedule, True, depth=0)
+    ahead = T.Prefetcher(pairs, schedule, True, depth=3)
+    try:
+        for _ in schedule:
+            a, b = inline.next(), ahead.next()
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        with pytest.raises(StopIteration):
+            ahead.next()
+    finally:
+        ahead.close()
+        pairs.close()
+
+
+def test_ipo_mean_normalisation_and_heldout_metrics_in_a_run(tiny_checkpoints, janus_pairs, tmp_path):
+    run = make_run(tmp_path, tiny_checkpoints("janus"), "janus", janus_pairs, "train.loss=ipo",
+                   "train.heldout_fraction=0.4", "train.eval_every=2", "train.beta=0.5")
+    stats = J.run(run, 1)
+    assert stats["heldout_pairs"] > 0 and stats["pairs"] + stats["heldout_pairs"] == len(PROMPTS)
+    assert "averaged over the image tokens" in stats["loss_function"]
+    rows = metrics(run)
+    assert [("eval/loss" in m) for m in rows] == [False, True, False, True]
+    # at step 1 policy == reference: IPO's loss is (0 - 1/(2 beta))^2 = 1 whatever the normalisation
+    assert rows[0]["loss"] == pytest.approx(1.0, abs=1e-6)
+    t = run.config.train
+    n_tokens = janus_pairs["chosen_tokens"].shape[1]
+    pc, pr, rc, rr = (torch.tensor([x]) for x in (-10.0, -20.0, -11.0, -19.0))
+    batch = T.PairBatch(rows=np.zeros(1), prompts=["p"], chosen_tokens=torch.zeros(1, n_tokens, dtype=torch.long))
+    out = T.pair_loss(t, Loss.ipo, batch, T.PolicyOut(pc, pr), (rc, rr))
+    assert out.loss.item() == pytest.approx(((1.0 - (-1.0)) / n_tokens - 1 / (2 * 0.5)) ** 2)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from silmm.backends.lora import Master, own_values
 from silmm.config import Device, Dtype, LoraConfig, ModelConfig, SamplingConfig
 
 
@@ -73,9 +74,21 @@ class LMMBackend(ABC):
         reading the last position (never ``generate``), probabilities summed over "yes"/"no" variants."""
 
     # --- Step 5 (training) ---------------------------------------------------------------------
-    def sequence_logprobs(self, prompts: list[str], tokens: torch.Tensor) -> torch.Tensor:
-        """Discrete only: sum of log pi(z_t | x, z_<t) over image positions, [B] (differentiable)."""
+    def sequence_logprobs(self, prompts: list[str], tokens: torch.Tensor,
+                          entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Discrete only: sum of log pi(z_t | x, z_<t) over image positions, [B] float32 (differentiable).
+
+        ``entropy=True`` returns ``(logps [B], entropy [B])`` instead: the entropy (nats) of the policy's
+        distribution over image codes, averaged over the image positions, without gradient (the trainer
+        logs it as ``entropy/image_tokens``)."""
         raise TypeError(f"{type(self).__name__} is not a discrete backend")
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the language model's layer activations in the backward instead of keeping them
+        (transformers' non-reentrant activation checkpointing; only in training mode). Every built-in
+        backend implements it; a backend that cannot says so here rather than silently training without."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement enable_gradient_checkpointing; "
+                                  "set train.gradient_checkpointing=false")
 
     def features(self, prompts: list[str]) -> torch.Tensor:
         """Continuous only: deterministic features H [B, L, D] (DropDiv off; differentiable)."""
@@ -95,9 +108,10 @@ class LMMBackend(ABC):
         """What the optimizer updates: LoRA weights (+ dream queries and projector for continuous)."""
 
     @abstractmethod
-    def save_adapter(self, out_dir: str | Path) -> None:
-        """Trainable weights only (safetensors), for inspection and resuming."""
+    def save_adapter(self, out_dir: str | Path, master: Master = own_values) -> None:
+        """Trainable weights only (safetensors, float32 from ``master``), for inspection and resuming."""
 
     @abstractmethod
-    def merge_and_save(self, out_dir: str | Path) -> None:
-        """Merge the adapter into the weights and write a full checkpoint in the input's layout."""
+    def merge_and_save(self, out_dir: str | Path, master: Master = own_values) -> None:
+        """Merge the adapter into the weights in float32 (trainable values from ``master``) and write a full
+        checkpoint in the input's layout and dtype (silmm.backends.lora)."""

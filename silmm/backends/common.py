@@ -4,7 +4,7 @@ the token-sequence pieces of the discrete (Janus, early-fusion) backends."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +13,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from silmm.config import LoraConfig
+from silmm.backends.lora import Master, adapter_state_dict, merged_state_dict, own_values, stored_dtype
+from silmm.config import LoraConfig, ModelConfig
 from silmm.seeding import generator
 
 # ------------------------------------------------------------------------------------ tiny tokenizer
@@ -172,9 +173,11 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig, modules_to_save: list[s
 class InPlaceLora:
     """LoRA on ``self.model`` through peft for backends whose whole policy is one module (Janus, early
     fusion): peft injects the LoRA layers in place, so ``self.model`` keeps pointing at the adapted model,
-    and ``self.peft`` is the PeftModel wrapper (None without an adapter)."""
+    and ``self.peft`` is the PeftModel wrapper (None without an adapter). ``self.model_cfg`` (from
+    LMMBackend) says where the checkpoint is, whose dtype the merged weights are written in."""
 
     model: torch.nn.Module
+    model_cfg: ModelConfig
     peft = None
 
     @contextmanager
@@ -208,16 +211,23 @@ class InPlaceLora:
             raise RuntimeError("no LoRA adapter: call add_lora first")
         return [p for p in self.peft.parameters() if p.requires_grad]
 
-    def save_adapter(self, out_dir: str | Path) -> None:
+    def save_adapter(self, out_dir: str | Path, master: Master = own_values) -> None:
+        """The adapter in float32, from ``master`` (the optimizer's float32 copy under bf16 training)."""
         if self.peft is None:
             raise RuntimeError("no LoRA adapter to save: call add_lora first")
-        self.peft.save_pretrained(str(out_dir), safe_serialization=True)
+        self.peft.save_pretrained(str(out_dir), state_dict=adapter_state_dict(self.peft, master),
+                                  safe_serialization=True)
 
-    def merge_adapter(self) -> None:
-        """Fold the adapter into the weights; the backend keeps the merged model, without adapter."""
+    def merge_adapter(self, master: Master = own_values) -> dict[str, torch.Tensor]:
+        """Fold the adapter into the weights in float32 (silmm.backends.lora); returns the merged weights in
+        the dtype of the checkpoint loaded (what merge_and_save writes). The backend keeps the merged
+        model, without adapter, holding exactly what was written (cast to its compute dtype)."""
+        state = merged_state_dict(self.model, stored_dtype(self.model_cfg.path), master)
         if self.peft is not None:
-            self.model = self.peft.merge_and_unload()
+            self.model = self.peft.unload()  # LoRA layers out, nothing merged: the values come from `state`
             self.peft = None
+            self.model.load_state_dict(state)
+        return state
 
 
 def per_image(p_yes: torch.Tensor, p_no: torch.Tensor,
@@ -314,3 +324,79 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 def positions(mask: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
     """Position ids that skip left padding: cumsum(mask) - 1 (pads get the first real position)."""
     return (mask.cumsum(-1) - 1).clamp(min=0) + offset
+
+
+def image_code_logprobs(hidden: torch.Tensor | tuple[torch.Tensor, ...], logits_fn: Callable[..., torch.Tensor],
+                        tokens: torch.Tensor, chunk: int = 64,
+                        entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """sum_t log pi(z_t | .) over image positions, chunk by chunk: [B] float32 (differentiable).
+
+    ``hidden``: the hidden states [B, T, D] at the T positions that predict ``tokens`` [B, T], or a tuple of
+    such tensors (e.g. conditional and unconditional for a classifier-free-guidance mix). ``logits_fn``
+    maps one chunk of them (``logits_fn(*[h[:, a:b] for h in hidden])``) to logits over the image codes
+    only, [B, b - a, V], in the model's dtype (or float32, e.g. a CFG mix done in float32 as when
+    sampling). Each chunk is upcast to float32 for gather - logsumexp, so no [B, T, V] float32 tensor ever
+    exists: with autograd on, every chunk runs under non-reentrant activation checkpointing (its logits
+    are recomputed in the backward instead of being kept), so the logits of ONE chunk are alive at a time,
+    forward and backward -- ``chunk / T`` of the memory of full logits -- for the cost of recomputing the
+    head once. The result equals ``log_softmax(logits_fn(*hidden).float()).gather(tokens).sum(-1)`` up to
+    float rounding, for any ``chunk`` (it need not divide T; ``chunk >= T`` is one chunk).
+
+    ``entropy=True`` returns ``(logps [B], entropy [B])``: the entropy (nats) of the distribution
+    ``logits_fn`` defines, averaged over the T positions, computed without gradient (a diagnostic).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    hiddens = hidden if isinstance(hidden, tuple) else (hidden,)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    b, t = tokens.shape
+    for h in hiddens:
+        if tuple(h.shape[:2]) != (b, t):
+            raise ValueError(f"hidden states {tuple(h.shape)} do not match tokens {tuple(tokens.shape)}")
+    tokens = tokens.to(hiddens[0].device, torch.long)
+    logps = torch.zeros(b, dtype=torch.float32, device=hiddens[0].device)
+    entropies = torch.zeros(b, dtype=torch.float32, device=hiddens[0].device)
+    for start in range(0, t, chunk):
+        parts = tuple(h[:, start:start + chunk] for h in hiddens)
+        args = (logits_fn, tokens[:, start:start + chunk], entropy, *parts)
+        if torch.is_grad_enabled():
+            picked, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            picked, ent = _chunk_logprobs(*args)
+        logps = logps + picked.sum(-1)
+        if entropy:
+            entropies += ent.sum(-1)
+    return (logps, entropies / max(t, 1)) if entropy else logps
+
+
+def _chunk_logprobs(logits_fn: Callable[..., torch.Tensor], tokens: torch.Tensor, entropy: bool,
+                    *hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk: log-probs of ``tokens`` [B, c] float32, and the per-position entropy [B, c] (no grad)."""
+    logits = logits_fn(*hidden).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+    ent = None
+    if entropy:  # last, so that the backward's recomputation stops before it (nothing of it is saved)
+        with torch.no_grad():
+            probs = torch.exp(logits - lse.unsqueeze(-1))
+            ent = lse - torch.where(probs > 0, probs * logits, 0.0).sum(-1)
+    return picked, ent
+
+
+# ------------------------------------------------------------------------------ gradient checkpointing
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' activation (gradient) checkpointing on every decoder layer of the HF model ``model``.
+
+    Non-reentrant (``use_reentrant=False``): under LoRA the layers' inputs are frozen (no requires_grad),
+    and the reentrant implementation then returns outputs without a graph, so the LoRA weights inside a
+    checkpointed layer would silently get no gradient; non-reentrant checkpointing differentiates with
+    respect to the parameters used inside whatever the inputs are. transformers checkpoints a layer only
+    while the module is in training mode with autograd on (no-grad reference forwards and sampling are
+    unaffected) and it turns ``use_cache`` off there.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

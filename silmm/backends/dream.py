@@ -45,11 +45,13 @@ from silmm.backends.base import CheckpointError, LMMBackend, resolve_device
 from silmm.backends.common import (
     apply_lora,
     build_tiny_tokenizer,
+    enable_gradient_checkpointing,
     make_generators,
     multinomial_per_sample,
     randn_per_sample,
     yes_no_token_ids,
 )
+from silmm.backends.lora import Master, adapter_state_dict, merged_state_dict, own_values, stored_dtype
 from silmm.config import Diversity, DropDivPlacement, LoraConfig, ModelConfig, SamplingConfig
 
 LMM_DIR, DECODER_DIR, HEAD_DIR = "lmm", "decoder", "dream_head"
@@ -96,10 +98,10 @@ class DreamHead(nn.Module):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.projector(features.float())
 
-    def save(self, out_dir: Path, cfg: DreamHeadConfig) -> None:
+    def save(self, out_dir: Path, cfg: DreamHeadConfig, master: Master = own_values) -> None:
+        """float32 weights, from ``master`` (the optimizer's copy when training ran in bf16)."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                  str(out_dir / HEAD_WEIGHTS))
+        save_file({k: master(p).cpu().contiguous() for k, p in self.named_parameters()}, str(out_dir / HEAD_WEIGHTS))
         cfg.write(out_dir / HEAD_CONFIG)
 
 
@@ -395,15 +397,24 @@ class DreamBackend(LMMBackend):
         self.lmm = apply_lora(self.base, lora)
         self.base.eval()  # DropDiv is the only intended randomness; see the module docstring
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing of the LLaVA model's decoder layers (non-reentrant, because the layers'
+        inputs are frozen under LoRA; see :func:`~silmm.backends.common.enable_gradient_checkpointing`).
+        transformers checkpoints only modules in training mode: the modules stay in eval mode here (see
+        the module docstring) until the trainer switches them to train mode (``engine.train()``)."""
+        enable_gradient_checkpointing(self.base)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         lora = [p for p in self.lmm.parameters() if p.requires_grad] if self.has_adapter else []
         return lora + list(self.head.parameters())
 
-    def save_adapter(self, out_dir: str | Path) -> None:
+    def save_adapter(self, out_dir: str | Path, master: Master = own_values) -> None:
+        """LoRA adapter and dream head in float32, from ``master`` (silmm.backends.lora)."""
         out = Path(out_dir)
         if self.has_adapter:
-            self.lmm.save_pretrained(str(out / ADAPTER_DIR), safe_serialization=True)
-        self.head.save(out / HEAD_DIR, self.head_cfg)
+            self.lmm.save_pretrained(str(out / ADAPTER_DIR), state_dict=adapter_state_dict(self.lmm, master),
+                                     safe_serialization=True)
+        self.head.save(out / HEAD_DIR, self.head_cfg, master)
 
     def load_adapter(self, in_dir: str | Path) -> None:
         """Restore what ``save_adapter`` wrote (call ``add_lora`` with the same config first)."""
@@ -420,7 +431,7 @@ class DreamBackend(LMMBackend):
         head, _ = load_head(src / HEAD_DIR)
         self.head.load_state_dict(head.state_dict())
 
-    def merge_and_save(self, out_dir: str | Path) -> None:
+    def merge_and_save(self, out_dir: str | Path, master: Master = own_values) -> None:
         """Merged LMM + current dream head + the decoder's files, written to a temporary sibling and
         renamed, so that ``out_dir`` exists only complete (an existing ``out_dir`` is replaced)."""
         out = Path(out_dir)
@@ -429,27 +440,16 @@ class DreamBackend(LMMBackend):
         tmp = out.parent / f".{out.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self.base.save_pretrained(str(tmp / LMM_DIR), state_dict=self._merged_state_dict())
+        # merged in float32, written in the loaded checkpoint's dtype; the live model is not modified, so
+        # the adapter and the reference stay usable after saving
+        state = merged_state_dict(self.base, stored_dtype(self.path / LMM_DIR), master)
+        self.base.save_pretrained(str(tmp / LMM_DIR), state_dict=state)
         self.processor.save_pretrained(str(tmp / LMM_DIR))
-        self.head.save(tmp / HEAD_DIR, self.head_cfg)
+        self.head.save(tmp / HEAD_DIR, self.head_cfg, master)
         _copy_decoder(self.path / DECODER_DIR, tmp / DECODER_DIR)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
-
-    def _merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The base model's weights with each LoRA delta added, under the original key names; the live
-        model is not modified, so the adapter and the reference stay usable after saving."""
-        from peft.tuners.lora import LoraLayer
-
-        state = {k: v for k, v in self.base.state_dict().items() if "lora_" not in k}
-        if self.has_adapter:
-            for name, module in self.base.named_modules():
-                if isinstance(module, LoraLayer):
-                    key = f"{name}.base_layer.weight"
-                    delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-                    state[key] = state[key] + delta.to(state[key].dtype)
-        return {k.replace(".base_layer.", "."): v.detach().contiguous() for k, v in state.items()}
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -35,6 +36,8 @@ from silmm.backends.base import CheckpointError, LMMBackend
 from silmm.backends.common import (
     ImageSamples,
     InPlaceLora,
+    enable_gradient_checkpointing,
+    image_code_logprobs,
     left_pad,
     make_generators,
     multinomial_per_sample,
@@ -45,6 +48,7 @@ from silmm.backends.common import (
     warp_logits,
     yes_no_token_ids,
 )
+from silmm.backends.lora import Master, own_values
 from silmm.config import LogprobMode, ModelConfig, SamplingConfig
 
 FUSION_CONFIG = "fusion_config.json"
@@ -152,9 +156,10 @@ def build_word_tokenizer(words: Iterable[str], num_codes: int, spec: FusionSpec 
                                    padding_side="left")
 
 
-def save_checkpoint(out_dir: str | Path, model, tokenizer, codec: PatchCodec, spec: FusionSpec) -> Path:
+def save_checkpoint(out_dir: str | Path, model, tokenizer, codec: PatchCodec, spec: FusionSpec,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     out = Path(out_dir)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(str(out))
     codec.save(out / CODEC_DIR)
     (out / FUSION_CONFIG).write_text(json.dumps(asdict(spec), indent=1) + "\n")
@@ -207,6 +212,7 @@ class FusionBackend(InPlaceLora, LMMBackend):
     text-conditioned distribution over image codes, ``cfg`` the guidance mix (when guidance_scale != 1)."""
 
     family = "discrete"
+    logprob_chunk = 64  # image positions per head chunk in sequence_logprobs
 
     def __init__(self, model_cfg: ModelConfig, sampling: SamplingConfig,
                  logprob_mode: LogprobMode | str = LogprobMode.conditional, score_batch_size: int = 64):
@@ -241,6 +247,9 @@ class FusionBackend(InPlaceLora, LMMBackend):
                                   f"image tokens ({self.spec.image_token})")
         self.boi_id, self.eoi_id = ids[:2]
         self.image_ids = torch.tensor(ids[2:], device=self.device)
+        # contiguous image ids (Chameleon, Emu3, ours): the head's image rows are a view, not a copy
+        lo = ids[2]
+        self._image_rows = slice(lo, lo + len(ids) - 2) if ids[2:] == list(range(lo, lo + len(ids) - 2)) else None
         self.bos_id, self.eos_id, self.pad_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
         text_ok = torch.ones(len(tok), dtype=torch.bool)
         text_ok[ids] = False
@@ -281,9 +290,26 @@ class FusionBackend(InPlaceLora, LMMBackend):
         ids, mask = left_pad(rows, self.pad_id)
         return ids.to(self.device), mask.to(self.device)
 
+    def _image_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the image codes only [..., K] in the model's dtype (Chameleon/Emu3 mask text tokens
+        when drawing an image): the head's image-code rows alone, ``F.linear(hidden, W[image_ids], b[...])``,
+        not the whole vocabulary then a selection (Emu3: 32k codes of a 184k vocabulary). Read from
+        ``lm_head.weight`` at every call, so tied embeddings, training and merges are always current."""
+        head = self.model.lm_head
+        weight = getattr(head, "weight", None)
+        # The restricted product needs a plain Linear with its weight materialised. A head that peft wraps
+        # (LoRA or modules_to_save on lm_head) adds its own terms in forward, and a ZeRO-3 partitioned weight
+        # (ds_id; gathered only by the module's forward hooks) is empty outside forward: those run the
+        # full head, then select -- the same values, at the full head's cost.
+        if not isinstance(head, torch.nn.Linear) or weight is None or hasattr(weight, "ds_id"):
+            return head(hidden)[..., self.image_ids]
+        rows = self._image_rows if self._image_rows is not None else self.image_ids
+        bias = head.bias[rows] if head.bias is not None else None
+        return F.linear(hidden, weight[rows], bias)
+
     def _image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the image codes only (Chameleon/Emu3 mask text tokens when drawing an image)."""
-        return self.model.lm_head(hidden)[..., self.image_ids].float()
+        """:meth:`_image_head` in float32 (what sampling draws from)."""
+        return self._image_head(hidden).float()
 
     @property
     def _cfg(self) -> bool:
@@ -374,15 +400,21 @@ class FusionBackend(InPlaceLora, LMMBackend):
         for start in range(0, len(rows), batch):
             ids, mask = left_pad(rows[start:start + batch], self.pad_id)
             ids, mask = ids.to(self.device), mask.to(self.device)
-            hidden = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+            hidden = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                                      use_cache=False).last_hidden_state
             probs = self.model.lm_head(hidden[:, -1]).float().softmax(-1)
             p_yes[start:start + batch] = probs[:, self.yes_ids].sum(-1).cpu()
             p_no[start:start + batch] = probs[:, self.no_ids].sum(-1).cpu()
         return per_image(p_yes, p_no, questions)
 
     # ------------------------------------------------------------------------------- training
-    def sequence_logprobs(self, prompts: list[str], tokens: torch.Tensor) -> torch.Tensor:
-        """sum_t log pi(z_t | x, z_<t) over the image codes [B, T] -> [B] (teacher forcing, differentiable)."""
+    def sequence_logprobs(self, prompts: list[str], tokens: torch.Tensor,
+                          entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """sum_t log pi(z_t | x, z_<t) over the image codes [B, T] -> [B] (teacher forcing, no KV cache,
+        differentiable). The head runs on the image-code rows only, ``logprob_chunk`` positions at a time,
+        with a float32 log-sum-exp (:func:`~silmm.backends.common.image_code_logprobs`). ``entropy=True``
+        returns ``(logps, mean per-token entropy [B], no grad)`` of the same (conditional or CFG) distribution.
+        """
         tokens = tokens.to(self.device, torch.long)
         n = len(prompts)
         uncond = self._cfg and self.logprob_mode is LogprobMode.cfg
@@ -390,12 +422,26 @@ class FusionBackend(InPlaceLora, LMMBackend):
         image_in = self.image_ids[tokens[:, :-1]].repeat(2 if uncond else 1, 1)
         full_ids = torch.cat([ids, image_in], 1)
         full = torch.cat([mask, torch.ones_like(image_in)], 1)
-        hidden = self.model.model(input_ids=full_ids, attention_mask=full, position_ids=positions(full)).last_hidden_state
-        logits = self._image_logits(hidden[:, ids.shape[1] - 1:])  # <boi> predicts the first code
-        if uncond:
-            logits = logits[n:] + self.sampling.guidance_scale * (logits[:n] - logits[n:])
-        return token_logprobs(logits, tokens).sum(-1)
+        hidden = self.model.model(input_ids=full_ids, attention_mask=full, position_ids=positions(full),
+                                  use_cache=False).last_hidden_state
+        hidden = hidden[:, ids.shape[1] - 1:]  # <boi> predicts the first code
+        if not uncond:
+            return image_code_logprobs(hidden, self._image_head, tokens, self.logprob_chunk, entropy)
+        scale = self.sampling.guidance_scale
 
-    def merge_and_save(self, out_dir: str | Path) -> None:
-        self.merge_adapter()
-        save_checkpoint(out_dir, self.model, self.tokenizer, self.codec, self.spec)
+        def mixed(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # mixed in float32, as when sampling
+            c, u = self._image_logits(c), self._image_logits(u)
+            return u + scale * (c - u)
+
+        return image_code_logprobs((hidden[:n], hidden[n:]), mixed, tokens, self.logprob_chunk, entropy)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing of the causal LM's decoder layers (non-reentrant: the inputs are frozen
+        under LoRA; see :func:`~silmm.backends.common.enable_gradient_checkpointing`). Active only while
+        the model is in training mode."""
+        enable_gradient_checkpointing(self.model)
+
+    def merge_and_save(self, out_dir: str | Path, master: Master = own_values) -> None:
+        """Merge in float32, write in the loaded checkpoint's dtype (silmm.backends.lora)."""
+        state = self.merge_adapter(master)
+        save_checkpoint(out_dir, self.model, self.tokenizer, self.codec, self.spec, state_dict=state)

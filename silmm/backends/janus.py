@@ -38,6 +38,8 @@ from silmm.backends.common import (
     ImageSamples,
     InPlaceLora,
     build_tiny_tokenizer,
+    enable_gradient_checkpointing,
+    image_code_logprobs,
     left_pad,
     make_generators,
     multinomial_per_sample,
@@ -48,6 +50,7 @@ from silmm.backends.common import (
     warp_logits,
     yes_no_token_ids,
 )
+from silmm.backends.lora import Master, own_values
 from silmm.config import LogprobMode, ModelConfig, SamplingConfig
 
 # The chat template of the official Janus-Pro conversion (transformers' convert_janus_weights_to_hf.py):
@@ -170,6 +173,7 @@ class JanusBackend(InPlaceLora, LMMBackend):
     """
 
     family = "discrete"
+    logprob_chunk = 64  # image positions per generation-head chunk in sequence_logprobs
 
     def __init__(self, model_cfg: ModelConfig, sampling: SamplingConfig,
                  logprob_mode: LogprobMode | str = LogprobMode.conditional, score_batch_size: int = 16):
@@ -440,41 +444,60 @@ class JanusBackend(InPlaceLora, LMMBackend):
         return per_image(p_yes, p_no, questions)
 
     # ------------------------------------------------------------------------------- training
-    def sequence_logprobs(self, prompts: list[str], tokens: torch.Tensor) -> torch.Tensor:
+    def sequence_logprobs(self, prompts: list[str], tokens: torch.Tensor,
+                          entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """sum_t log pi(z_t | x, z_<t) over the image tokens [B, T] -> [B] (float32, differentiable).
 
         Teacher forcing: prompt embeddings, then the generation embeddings of z_<T, through the language
-        model and the generation head; left padding is masked with explicit position ids. ``logprob_mode``
-        (see the class docstring) selects the conditional branch or the CFG mix used when sampling.
+        model (no KV cache) and the generation head; left padding is masked with explicit position ids.
+        ``logprob_mode`` (see the class docstring) selects the conditional branch or the CFG mix used when
+        sampling. The head runs in the model's dtype on ``logprob_chunk`` positions at a time, with a
+        float32 log-sum-exp (:func:`~silmm.backends.common.image_code_logprobs`): no [B, T, 16384] float32
+        logits. ``entropy=True`` returns ``(logps, mean per-token entropy [B], no grad)`` of that same
+        distribution (conditional or CFG mix).
         """
         ids, mask = self._generation_prompts(prompts)
         tokens = tokens.to(self.device, torch.long)
-        cond = self._image_logits(ids, mask, tokens)
+        head = self.model.model.generation_head
+        cond = self._image_hidden(ids, mask, tokens)
         if self.logprob_mode is LogprobMode.conditional:
-            return token_logprobs(cond, tokens).sum(-1)
-        uncond = self._image_logits(self._unconditional(ids), mask, tokens)
-        mixed = uncond + self.sampling.guidance_scale * (cond - uncond)
-        return token_logprobs(mixed, tokens).sum(-1)
+            return image_code_logprobs(cond, head, tokens, self.logprob_chunk, entropy)
+        uncond = self._image_hidden(self._unconditional(ids), mask, tokens)
+        scale = self.sampling.guidance_scale
 
-    def _image_logits(self, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Generation-head logits [B, T, V] at the positions that predict each image token."""
+        def mixed(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # mixed in float32, as when sampling
+            c, u = head(c).float(), head(u).float()
+            return u + scale * (c - u)
+
+        return image_code_logprobs((cond, uncond), mixed, tokens, self.logprob_chunk, entropy)
+
+    def _image_hidden(self, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [B, T, D] (model dtype) at the positions that predict each image token."""
         image_embeds = self.model.prepare_embeddings_for_image_generation(tokens[:, :-1])
         embeds = torch.cat([self._embed(ids), image_embeds.to(self.dtype)], dim=1)
         full = torch.cat([mask, torch.ones_like(tokens[:, :-1])], dim=1)
-        hidden = self._lm(inputs_embeds=embeds, attention_mask=full, position_ids=positions(full)).last_hidden_state
+        hidden = self._lm(inputs_embeds=embeds, attention_mask=full, position_ids=positions(full),
+                          use_cache=False).last_hidden_state
         # position L-1 is <begin_of_image>, which predicts the first image token
-        return self.model.model.generation_head(hidden[:, ids.shape[1] - 1:]).float()
+        return hidden[:, ids.shape[1] - 1:]
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing of the language model's decoder layers (non-reentrant: the inputs are
+        frozen under LoRA; see :func:`~silmm.backends.common.enable_gradient_checkpointing`). Active only
+        in training mode (:meth:`train`)."""
+        enable_gradient_checkpointing(self.model)
 
     def train(self, mode: bool = True) -> None:
         """Training mode switches LoRA dropout on; the VQ model stays in eval mode (it is frozen)."""
         self.model.train(mode)
         self.model.model.vqmodel.eval()
 
-    def merge_and_save(self, out_dir: str | Path) -> None:
-        """Merge the adapter into the weights (the backend keeps the merged model, without adapter) and
-        write model, processor and generation config in the layout :meth:`load` reads."""
-        self.merge_adapter()
+    def merge_and_save(self, out_dir: str | Path, master: Master = own_values) -> None:
+        """Merge the adapter into the weights in float32 (the backend keeps the merged model, without
+        adapter) and write model (in the loaded checkpoint's dtype), processor and generation config in the
+        layout :meth:`load` reads."""
+        state = self.merge_adapter(master)
         out = Path(out_dir)
-        self.model.save_pretrained(out)
+        self.model.save_pretrained(out, state_dict=state)
         self.generation_config.save_pretrained(out)  # after the model: keeps generation_kwargs
         self.processor.save_pretrained(out)

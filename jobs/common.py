@@ -1,4 +1,5 @@
-"""Command-line entry shared by every stage job: `python -m jobs.<stage> --run RUN --iteration K --shard I`."""
+"""Command-line entry shared by every stage job: `python -m jobs.<stage> --run RUN --iteration K --shard I`
+(eval stages also `--benchmark NAME`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import signal
 import sys
 
 
-def main(stage: str, argv: list[str] | None = None) -> int:
+def main(stage: str, argv: list[str] | None = None, benchmark: bool = False) -> int:
     from silmm.tasks import StageTask, run_task
 
     p = argparse.ArgumentParser(prog=f"python -m jobs.{stage}", description=f"run one shard of the {stage} stage")
     p.add_argument("--run", required=True, help="run directory (holds config.yaml)")
     p.add_argument("--iteration", type=int, required=True)
+    if benchmark:  # eval, eval_results: one task per (iteration, benchmark, shard)
+        p.add_argument("--benchmark", required=True, help="benchmark name (a key of eval.benchmarks)")
     p.add_argument("--shard", type=int, default=None,
                    help="shard index (default: $SLURM_ARRAY_TASK_ID, so sbatch arrays need no wrapper)")
     args = p.parse_args(argv)
@@ -28,7 +31,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     signal.signal(signal.SIGUSR2, _preempted)  # slurm/sbatch/*.sh forward USR2 before the time limit
     signal.signal(signal.SIGTERM, _preempted)
-    run_task(StageTask(args.run, args.iteration, stage, shard))
+    run_task(StageTask(args.run, args.iteration, stage, shard, getattr(args, "benchmark", "")))
     return 0
 
 

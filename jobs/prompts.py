@@ -2,13 +2,14 @@
 
 Reads   config `prompts.*`; the iteration's model (only to write the vocabulary and in-context prompts)
 Writes  iter_K/vocabulary.json (once per iteration, shared by every shard)
-        iter_K/prompts/shard_NNNNN.h5: prompt_id, text, category
+        iter_K/prompts/shard_NNNNN.h5: prompt_id, text, category (files: also source_file, source_line)
 
 The story: assign every prompt id of the iteration a category (exact mix, seeded), get the
 vocabulary (the model lists objects and attributes; unusable lists fall back to built-in ones),
 compose the template prompts of the whole iteration (cheap, so every shard sees the same unique list),
 then let the model write this shard's non-spatial and complex prompts from in-context examples.
-With `prompts.source=files` the prompts come from the user's files instead, cleaned and counted.
+With `prompts.source=files` the prompts come from the user's files instead: normalised, counted, drawn
+across categories as `prompts.categories` says, each with its file and line (silmm/prompts.py).
 Run directly: python -m jobs.prompts --run RUN --iteration K --shard I
 """
 
@@ -89,17 +90,19 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
 
 
 def _from_files(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
+    """The user's files: checked against the hashes the run recorded, normalised and de-duplicated, drawn
+    across categories (seeded), every prompt with its file and line. Every shard task draws the same list;
+    its length, not prompts.count, decides the shard count (recorded in every shard)."""
     cfg = run.config
-    tokenizer = load_tokenizer(run, iteration)
-    found = P.read_prompt_files(cfg.prompts.files, cfg.prompts.max_tokens, cfg.prompts.overlong.value,
-                                lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"]))
-    count = min(cfg.prompts.count, len(found.texts))
-    ids = P.shard_range(count, cfg.sharding.prompts_per_shard, shard)
-    data = {"prompt_id": list(ids), "text": [found.texts[i] for i in ids],
-            "category": [found.categories[i] for i in ids]}
-    _write(run, iteration, shard, P.shard_count(count, cfg.sharding.prompts_per_shard), data,
-           {"file_counts": dict(found.counts)})
-    return {"prompts": len(ids), "file_counts": dict(found.counts)}
+    count_tokens = P.token_counter(load_tokenizer(run, iteration))
+    chosen, extra = P.select_file_prompts(cfg.prompts, cfg.run.seed, iteration, count_tokens)
+    count, per_shard = len(chosen.texts), cfg.sharding.prompts_per_shard
+    ids = P.shard_range(count, per_shard, shard)
+    data = {"prompt_id": list(ids), "text": [chosen.texts[i] for i in ids],
+            "category": [chosen.categories[i] for i in ids], "source_file": [chosen.files[i] for i in ids],
+            "source_line": [chosen.lines[i] for i in ids]}
+    _write(run, iteration, shard, P.shard_count(count, per_shard), data, extra)
+    return {"prompts": len(ids), **extra}
 
 
 def _read_icl(path: str) -> dict[str, list[str]]:

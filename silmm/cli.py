@@ -84,19 +84,98 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from silmm.report import ReportError, write_training_report
+    from silmm.eval.report import write_benchmark_report, write_feedback_report, write_index
+    from silmm.report import NoMetricsError, ReportError, write_training_report
     from silmm.rundir import RunDir
+    from silmm.store import ShardError
 
     run = RunDir.open(args.run)  # not a run directory: ConfigError, exit 2
+    status, notes = 0, []
+    training = feedback = benchmarks = None
     try:
-        rep = write_training_report(run)
-    except ReportError as exc:  # no metrics yet, or a corrupt metrics line: a check failed, exit 1
+        training = write_training_report(run)
+    except NoMetricsError as exc:  # not yet an error: another part may have something to show
+        notes.append(str(exc))
+    except ReportError as exc:  # a corrupt metrics line: a check failed, exit 1 (the other parts still written)
+        print(f"silmm: {exc}", file=sys.stderr)
+        status = 1
+    if training is not None:
+        print(f"training figure: {training.figure}")
+        print(f"training table:  {training.table}")
+        for k, why in sorted(training.skipped.items()):
+            print(f"  iteration {k}: no metrics ({why})")
+    try:
+        feedback = write_feedback_report(run)
+    except ShardError as exc:  # a corrupt scores shard or pairs file: named, exit 1
+        print(f"silmm: shard error: {exc}", file=sys.stderr)
+        status = 1
+    try:
+        benchmarks = write_benchmark_report(run)
+    except ReportError as exc:  # a corrupt results.json: named, exit 1
+        print(f"silmm: {exc}", file=sys.stderr)
+        status = 1
+    if feedback is not None:
+        print(f"self-feedback:   {feedback.table}")
+    if benchmarks is not None:
+        print(f"benchmarks:      {benchmarks.table} ({', '.join(benchmarks.results)})")
+    if training is None and feedback is None and benchmarks is None:
+        for note in notes:  # nothing to report at all: exit 1, as before the benchmark part existed
+            print(f"silmm: {note}", file=sys.stderr)
+        return 1
+    for note in notes:
+        print(f"note: {note}")
+    parts = [("training", training and training.table), ("self-feedback", feedback and feedback.table),
+             ("benchmarks", benchmarks and benchmarks.table)]
+    index = write_index(run, parts, notes)
+    print(f"index:           {index}")
+    return status
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from silmm.driver import DriverError, run_eval_driver
+    from silmm.eval.records import BenchmarkError
+    from silmm.eval.results import read_results, results_path
+    from silmm.rundir import RunDir
+
+    run = RunDir.open(args.run)
+    source = str(run.path / "config.yaml")
+    if args.overrides:  # eval.* keys only: they are outside the run's hash, so the run stays the same run
+        other = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("eval.")]
+        if other:
+            raise C.ConfigError(f"silmm eval changes eval.* keys only; got {', '.join(other)}")
+        run._accept(C.load(source, args.overrides))  # validated, then written to the run's config.yaml
+    else:
+        C.validate(run.config, source)
+    cfg = run.config
+    names = args.benchmarks.split(",") if args.benchmarks else list(cfg.eval.benchmarks)
+    if not names:
+        raise C.ConfigError(f"{source}: no benchmark configured; add eval.benchmarks.<name>.path=... (e.g. "
+                            f"`silmm eval {args.run} eval.benchmarks.t2i_compbench.path=/data/T2I-CompBench`)")
+    missing = [n for n in names if n not in cfg.eval.benchmarks]
+    if missing:
+        raise C.ConfigError(f"{source}: benchmark(s) {', '.join(missing)} not configured; configured: "
+                            f"{', '.join(cfg.eval.benchmarks) or 'none'} (add eval.benchmarks.<name>.path=...)")
+    finished = [k for k in range(1, cfg.run.iterations + 1) if (run.model_dir(k) / "DONE").is_file()]
+    try:
+        iterations = [int(x) for x in args.iterations.split(",")] if args.iterations else [0, *finished]
+    except ValueError:
+        raise C.ConfigError(f"--iterations {args.iterations!r}: expected numbers like 0,3") from None
+    unfinished = [k for k in iterations if k != 0 and k not in finished]
+    if unfinished:
+        raise C.ConfigError(f"{run.path}: iteration(s) {unfinished} have no finished model; finished: "
+                            f"{finished or 'none'} (0 = the base model)")
+    try:
+        run_eval_driver(run, iterations, names, break_lock=args.break_lock)
+    except BenchmarkError as exc:  # the benchmark's files cannot be read as the benchmark defines them
+        print(f"silmm: benchmark error: {exc}", file=sys.stderr)
+        return 2
+    except DriverError as exc:
         print(f"silmm: {exc}", file=sys.stderr)
         return 1
-    print(f"training figure: {rep.figure}")
-    print(f"training table:  {rep.table}")
-    for k, why in sorted(rep.skipped.items()):
-        print(f"  iteration {k}: no metrics ({why})")
+    for name in names:
+        for k in iterations:
+            res = read_results(results_path(run.path, name, k))
+            print(f"{name} iteration {k}: overall {res.overall:.4f} -> {results_path(run.path, name, k)}")
     return 0
 
 
@@ -149,9 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_make_tiny)
 
-    rep = sub.add_parser("report", help="plot the training metrics of every iteration (report/training.png, .md)")
+    rep = sub.add_parser("report", help="training metrics, self-feedback and benchmark tables of every iteration "
+                                       "(report/index.md)")
     rep.add_argument("run")
     rep.set_defaults(func=_cmd_report)
+
+    ev = sub.add_parser("eval", help="evaluate a run's models on benchmarks (missing shards only), through the "
+                                     "run's executor")
+    ev.add_argument("run")
+    ev.add_argument("overrides", nargs="*", help="eval.* key=value overrides, e.g. eval.benchmarks.dpg_bench.path=DIR")
+    ev.add_argument("--iterations", default=None,
+                    help="comma-separated, 0 = the base model (default: 0 and every finished iteration)")
+    ev.add_argument("--benchmarks", default=None, help="comma-separated names (default: every configured one)")
+    ev.add_argument("--break-lock", action="store_true", help="take over a driver lock left by a dead driver")
+    ev.set_defaults(func=_cmd_eval)
 
     ver = sub.add_parser("verify", help="validate every shard of a run; list the bad ones")
     ver.add_argument("run")

@@ -163,9 +163,17 @@ class ModelConfig:
 @dataclass
 class PromptsConfig:
     source: PromptSource = PromptSource.generate
-    files: str | None = None  # a .txt file or a folder of category files, for source=files
-    count: int = 16000  # prompts per iteration (paper: 16k); for files: the first `count` kept
-    # share of each category among generated prompts (normalised)
+    files: str | None = None  # a .txt file (one prompt a line) or a folder of *.txt category files, for source=files
+    # source=files: file name -> category, e.g. {prompts.txt: complex}; a file not listed takes the category
+    # in its name, T2I-CompBench style (color_val.txt -> color); a category that is neither is an error
+    file_categories: dict[str, str] = field(default_factory=dict)
+    # source=files: sha256 (16 hex digits) of each prompt file, filled when the config is loaded, not by
+    # hand. Part of the config hash: a run refuses prompt files edited under it
+    files_sha256: dict[str, str] = field(default_factory=dict)
+    # prompts per iteration (paper: 16k); for files: drawn at random per category as `categories` says,
+    # every prompt of a category that has fewer than its share (so at most all the files hold)
+    count: int = 16000
+    # share of each category among the prompts (normalised)
     categories: dict[str, float] = field(
         default_factory=lambda: {
             "color": 1.0, "shape": 1.0, "texture": 1.0, "spatial": 1.0, "3d_spatial": 1.0,
@@ -291,7 +299,8 @@ class StageResources:
     setup: list[str] = field(default_factory=list)  # e.g. "module load cuda", "source env/bin/activate"
 
 
-STAGES = ("pretrain", "prompts", "questions", "samples", "scores", "pairs", "train", "evaluate", "driver")  # driver: --detach job
+STAGES = ("pretrain", "prompts", "questions", "samples", "scores", "pairs", "train", "evaluate", "eval", "eval_results",
+          "driver")  # driver: --detach job; eval, eval_results: benchmark evaluation (jobs/eval.py, jobs/eval_results.py)
 
 
 @dataclass
@@ -348,6 +357,28 @@ class ToyPretrainConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """One benchmark of `silmm eval` (silmm/eval/benchmarks/<name>.py), read from a local copy."""
+
+    path: str | None = None  # the benchmark's repository or files on disk (never downloaded at run time)
+    images_per_prompt: int | None = None  # None: the benchmark's own default (T2I-CompBench 10, DPG 4, ...)
+    scorer: str = "self"  # self: the LMM's own yes/no VQA; oracle: the toy world's exact oracle
+    max_prompts: int | None = None  # None: the whole set; fewer makes a smoke test, and results say so
+    overlong: OverlongPolicy = OverlongPolicy.reject  # a prompt longer than the model's context: error / cut
+
+
+@dataclass
+class EvalConfig:
+    """Benchmark evaluation (jobs/eval.py): which benchmarks, when, and how the work is sharded. Not part
+    of the run's config hash (it cannot change training); eval shards and results record their own."""
+
+    benchmarks: dict[str, BenchmarkConfig] = field(default_factory=dict)  # name -> settings; listed = on
+    after_each_iteration: bool = False  # the driver evaluates the base model and every finished iteration
+    prompts_per_shard: int = 32
+    batch_size: int = 8  # images per forward
+
+
+@dataclass
 class ToyConfig:
     """The toy world (silmm/toy): prompts, a pretrained toy LMM and the exact oracle's evaluation."""
 
@@ -374,6 +405,7 @@ class SilmmConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def discrete(self) -> bool:
@@ -391,7 +423,7 @@ class SilmmConfig:
 
 # Keys whose values cannot change what a run computes: they may differ when a run is re-opened
 # and are left out of the config hash. (run.iterations: a run can be extended by more iterations.)
-MUTABLE_PREFIXES = ("executor", "logging", "store.file_locking", "run.root", "run.name", "run.iterations")
+MUTABLE_PREFIXES = ("executor", "logging", "store.file_locking", "run.root", "run.name", "run.iterations", "eval")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -468,6 +500,14 @@ def resolve(cfg: SilmmConfig) -> SilmmConfig:
         t.warmup_steps = 100 if discrete else 200
     if t.max_steps is None:
         t.max_steps = 1000 if discrete else 2000
+    pr = cfg.prompts
+    if pr.source is PromptSource.files and pr.files and Path(pr.files).exists():
+        from silmm.prompts import PromptFileError, files_digest
+
+        try:  # the files become part of the run's identity (config hash)
+            pr.files_sha256 = files_digest(pr.files)
+        except PromptFileError:
+            pass  # no prompt files there: validate() says so, naming the key
     return cfg
 
 
@@ -495,13 +535,26 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
     positive("prompts.count", p.count)
     positive("prompts.max_tokens", p.max_tokens)
     positive("prompts.batch_size", p.batch_size)
+    if not p.categories or any(w < 0 for w in p.categories.values()) or sum(p.categories.values()) <= 0:
+        fail("prompts.categories", "needs at least one category with a positive weight, none negative")
+    from silmm import prompts as P
+
+    unknown = sorted(set(p.categories) - set(P.CATEGORIES))
+    if unknown:
+        fail("prompts.categories", f"unknown categories {unknown}; known: {', '.join(P.CATEGORIES)}")
     if p.source is PromptSource.files:
         if not p.files:
             fail("prompts.files", "is required when prompts.source=files")
         if check_paths and not Path(p.files).exists():
             fail("prompts.files", f"{p.files} does not exist")
-    if not p.categories or any(w < 0 for w in p.categories.values()) or sum(p.categories.values()) <= 0:
-        fail("prompts.categories", "needs at least one category with a positive weight, none negative")
+        if check_paths:
+            try:  # known categories, at least one prompt to draw: stop before anything is written or submitted
+                P.check_prompt_source(p)
+            except P.PromptFileError as exc:
+                fail("prompts.files", str(exc))
+    elif p.file_categories:
+        fail("prompts.file_categories", f"maps prompt files to categories, for prompts.source=files only "
+             f"(source is {p.source.value})")
 
     s = cfg.sampling
     if s.samples_per_prompt < 2:
@@ -607,10 +660,49 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
             OmegaConf.merge(OmegaConf.structured(StageResources), override or {})
         except OmegaConfBaseException as exc:
             fail(f"executor.stages.{stage}.{getattr(exc, 'full_key', '?')}", str(exc).split("\n")[0])
+    _validate_eval(cfg, fail, positive, check_paths)
     positive("sharding.prompts_per_shard", cfg.sharding.prompts_per_shard)
     positive("sharding.flush_every", cfg.sharding.flush_every)
     if cfg.store.compression is Compression.gzip and not 0 <= cfg.store.compression_level <= 9:
         fail("store.compression_level", f"gzip levels are 0-9, got {cfg.store.compression_level}")
+
+
+def _validate_eval(cfg: SilmmConfig, fail, positive, check_paths: bool) -> None:
+    """`eval.*`: known benchmark and scorer names, a path where the benchmark reads files, sizes > 0; so a
+    bad benchmark setting stops `silmm run` / `silmm eval` before anything is submitted."""
+    ev = cfg.eval
+    positive("eval.prompts_per_shard", ev.prompts_per_shard)
+    positive("eval.batch_size", ev.batch_size)
+    if not ev.benchmarks:
+        return
+    from silmm.eval.benchmarks import BENCHMARKS, get_benchmark
+    from silmm.eval.records import BenchmarkError
+    from silmm.eval.scorers import SCORERS, scorer_class
+
+    for name, b in ev.benchmarks.items():
+        key = f"eval.benchmarks.{name}"
+        if name not in BENCHMARKS:
+            fail(key, f"unknown benchmark '{name}'; known: {', '.join(sorted(BENCHMARKS))}")
+        if b.scorer not in SCORERS:
+            fail(f"{key}.scorer", f"unknown scorer '{b.scorer}'; known: {', '.join(sorted(SCORERS))}")
+        only = scorer_class(b.scorer).benchmarks
+        if only is not None and name not in only:
+            fail(f"{key}.scorer", f"scorer '{b.scorer}' only scores {', '.join(only)}, not '{name}'")
+        for sub in ("images_per_prompt", "max_prompts"):
+            if getattr(b, sub) is not None:
+                positive(f"{key}.{sub}", getattr(b, sub))
+        bench = get_benchmark(name)
+        if getattr(bench, "needs_path", True):
+            if not b.path:
+                fail(f"{key}.path", f"is required: a local copy of the {bench.display} files (never downloaded "
+                     "at run time; see the README's benchmark section)")
+            if check_paths and not Path(b.path).exists():
+                fail(f"{key}.path", f"{b.path} does not exist")
+        if hasattr(bench, "configure"):
+            try:
+                bench.configure(cfg)
+            except BenchmarkError as exc:
+                fail(key, str(exc))
 
 
 # ----------------------------------------------------------------------------- serialising, hashing

@@ -1,6 +1,8 @@
 """The iteration driver: looks at what is on disk, submits only what is missing, waits, retries, reports.
 
-For each iteration: prompts -> questions -> samples -> scores (arrays over shards) -> pairs -> train.
+For each iteration: prompts -> questions -> samples -> scores (arrays over shards) -> pairs -> train; with
+`eval.after_each_iteration`, benchmark evaluation (eval shards, then eval_results) of the base model before
+iteration 1 and of each iteration's model after it (`silmm eval` runs the same by hand).
 Re-running the same command resumes exactly where things stand on disk; a finished shard is never
 redone. One driver per run, enforced by a lock file (a stale lock of a dead process is reported and
 taken over). The driver writes `<run>/jobs.json` (what it submitted and their states) for `silmm status`.
@@ -118,7 +120,8 @@ class JobBook:
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def record(self, t: Tracked) -> None:
-        key = f"iter_{t.task.iteration:02d}/{t.task.stage}/{t.task.shard:05d}"
+        bench = f"{t.task.benchmark}/" if t.task.benchmark else ""
+        key = f"iter_{t.task.iteration:02d}/{t.task.stage}/{bench}{t.task.shard:05d}"
         self.entries[key] = {"job_id": getattr(t.job, "job_id", None), "state": t.state, "attempts": t.attempts,
                              "kind": self.run.config.executor.kind.value, "updated": time.time(),
                              "log": str(log_path(self.run, t.task)), "error": t.error[-2000:]}
@@ -167,15 +170,14 @@ class Driver:
     # the public story --------------------------------------------------------------------------
     def run_all(self) -> None:
         toy = self.cfg.toy.enabled
-        if toy:  # the toy LMM is pretrained once (cached at model.path), then evaluated before any training
+        if toy:  # the toy LMM is pretrained once (cached at model.path)
             self._run_tasks(0, "pretrain", [0])
-            self._run_tasks(0, "evaluate", [0])
         ensure_base_model(self.cfg)  # once, before any task could race to build it
+        self.evaluate(0)  # the base model, before any training
         for iteration in range(1, self.cfg.run.iterations + 1):
             for stage in STAGE_ORDER:
                 self.run_stage(iteration, stage)
-            if toy:
-                self._run_tasks(iteration, "evaluate", [0])
+            self.evaluate(iteration)
             self._mark_done(iteration)
         if toy:
             log.info("toy report: %s", self.run.path / "report" / "report.md")
@@ -184,20 +186,48 @@ class Driver:
 
     def run_stage(self, iteration: int, stage: str) -> None:
         if stage == "prompts" and self.cfg.prompts.source is PromptSource.files:
+            from silmm.models import load_tokenizer
+            from silmm.prompts import select_file_prompts, token_counter
+
+            # prompt files edited under the run, or giving no prompt: stop here, before any job is submitted
+            select_file_prompts(self.cfg.prompts, self.cfg.run.seed, iteration,
+                                token_counter(load_tokenizer(self.run, iteration)))
             self._run_tasks(iteration, stage, [0])  # the files decide how many shards there are
         shards = list(range(self.run.num_shards(iteration))) if stage in SHARD_STAGES else [0]
         self._run_tasks(iteration, stage, shards)
 
+    def evaluate(self, iteration: int) -> None:
+        """The model iteration K ends with (0: the base model): the configured benchmarks when
+        eval.after_each_iteration is set, then the toy evaluation, whose report reads their results."""
+        if self.cfg.eval.after_each_iteration and self.cfg.eval.benchmarks:
+            self.run_eval(iteration)
+        if self.cfg.toy.enabled:
+            self._run_tasks(iteration, "evaluate", [0])
+
+    def run_eval(self, iteration: int, benchmarks: list[str] | None = None) -> None:
+        """Benchmark evaluation of the model iteration K ends with (0: the base model): for each benchmark
+        the missing eval shards (an array), then its results step (aggregate, export, results.json)."""
+        from silmm.eval import stage as E
+
+        if iteration > 0 and not (self.run.model_dir(iteration) / "DONE").is_file():
+            raise DriverError(f"iteration {iteration} has no finished model ({self.run.model_dir(iteration)}/DONE): "
+                              "train it first (silmm run)")
+        for name in benchmarks if benchmarks is not None else list(self.cfg.eval.benchmarks):
+            shards = list(range(E.plan(self.run, iteration, name).shard_count))
+            self._run_tasks(iteration, "eval", shards, benchmark=name)
+            self._run_tasks(iteration, "eval_results", [0], benchmark=name)
+
     # submission, polling, retries ---------------------------------------------------------------
-    def _run_tasks(self, iteration: int, stage: str, shards: list[int]) -> None:
-        tracked = [Tracked(StageTask(str(self.run.path), iteration, stage, s)) for s in shards]
+    def _run_tasks(self, iteration: int, stage: str, shards: list[int], benchmark: str = "") -> None:
+        tracked = [Tracked(StageTask(str(self.run.path), iteration, stage, s, benchmark)) for s in shards]
         todo = [t for t in tracked if not is_done(self.run, t.task)]
         for t in tracked:
             t.state = "missing" if t in todo else "done"
+        stage_label = f"{stage} {benchmark}" if benchmark else stage
         if not todo:
-            log.info("iter %d %s: all %d done", iteration, stage, len(tracked))
+            log.info("iter %d %s: all %d done", iteration, stage_label, len(tracked))
             return
-        log.info("iter %d %s: %d of %d to run", iteration, stage, len(todo), len(tracked))
+        log.info("iter %d %s: %d of %d to run", iteration, stage_label, len(todo), len(tracked))
         queue = list(todo)
         limit = parallelism(self.run, stage)
         t0 = time.time()
@@ -208,7 +238,7 @@ class Driver:
                 batch, queue = queue[:room], queue[room:]
                 self._submit(iteration, stage, batch, at_once=len(running) + len(batch))
             self._poll(tracked, queue)
-            self._status_line(iteration, stage, tracked, t0)
+            self._status_line(iteration, stage_label, tracked, t0)
             failed = [t for t in tracked if t.state == "failed"]
             if failed:
                 self._report_failure(failed)
@@ -218,7 +248,7 @@ class Driver:
                 raise DriverError("driver stopped by a signal; submitted jobs keep running (silmm cancel RUN)")
             time.sleep(self.cfg.executor.poll_interval_s if self.cfg.executor.kind is not ExecutorKind.debug else 0)
         self._end_status_line()
-        log.info("iter %d %s: done in %.1f s", iteration, stage, time.time() - t0)
+        log.info("iter %d %s: done in %.1f s", iteration, stage_label, time.time() - t0)
 
     def _submit(self, iteration: int, stage: str, batch: list[Tracked], at_once: int = 1) -> None:
         if self.cfg.executor.kind is ExecutorKind.local:
@@ -307,6 +337,24 @@ def run_driver(run: RunDir, break_lock: bool = False) -> None:
         old = signal.signal(signal.SIGTERM, driver.request_stop)
         try:
             driver.run_all()
+        finally:
+            signal.signal(signal.SIGTERM, old)
+
+
+def run_eval_driver(run: RunDir, iterations: list[int], benchmarks: list[str], break_lock: bool = False) -> None:
+    """`silmm eval`: the eval stage of the given iterations and benchmarks on an existing run, through the
+    run's executor, submitting only what is missing (under the run's driver lock)."""
+    driver = Driver(run)
+    with driver_lock(run, break_lock):
+        old = signal.signal(signal.SIGTERM, driver.request_stop)
+        try:
+            if 0 in iterations:
+                try:
+                    ensure_base_model(run.config)
+                except FileNotFoundError as exc:  # a toy run whose LMM is not pretrained yet
+                    raise DriverError(str(exc)) from exc
+            for iteration in iterations:
+                driver.run_eval(iteration, benchmarks)
         finally:
             signal.signal(signal.SIGTERM, old)
 

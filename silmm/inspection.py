@@ -125,4 +125,9 @@ def verify_run(run: RunDir) -> list[tuple[Path, str]]:
             problem = validate_shard(pairs, stage="pairs", config_hash=run.config_hash, iteration=it)
             if problem:
                 bad.append((pairs, problem))
+    for f in sorted(run.path.glob("eval/*/iter_*/shard_*.h5")):  # benchmark evaluation (jobs/eval.py)
+        problem = validate_shard(f, stage="eval", config_hash=run.config_hash,
+                                 iteration=int(f.parent.name.removeprefix("iter_")))
+        if problem:
+            bad.append((f, problem))
     return bad

@@ -4,19 +4,24 @@ Determinism: prompt `p` of an iteration is a function of (run seed, iteration, p
 shard task can compute any slice of the list without the others, and the list does not depend on the
 number of shards. Template prompts are composed for the whole iteration in one pass (milliseconds) with
 duplicates re-drawn; prompts the LMM writes (non-spatial, complex) are drawn per id, and duplicates among
-them are resolved downstream by :func:`first_occurrences` (the lowest id keeps the text).
+them are resolved downstream by :func:`first_occurrences` (the lowest id keeps the text). Prompt files
+(`prompts.source=files`) are read and drawn whole by every shard task, seeded by (run seed, iteration).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from silmm.config import ConfigError, PromptsConfig
 from silmm.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -205,8 +210,9 @@ def compose(category: str, vocab: Vocabulary, rng: random.Random) -> str:
     raise ValueError(f"unknown prompt category '{category}' (categories: {', '.join(CATEGORIES)})")
 
 
-def assign_categories(count: int, weights: dict[str, float], seed: int) -> list[str]:
-    """Exactly proportional category counts (largest remainder), in a seeded shuffled order."""
+def apportion(count: int, weights: dict[str, float]) -> dict[str, int]:
+    """Exactly proportional counts per category (largest remainder; ties go in CATEGORIES order), summing
+    to `count`, for the categories of positive weight, in CATEGORIES order."""
     unknown = set(weights) - set(CATEGORIES)
     if unknown:
         raise ValueError(f"prompts.categories: unknown categories {sorted(unknown)}; known: {', '.join(CATEGORIES)}")
@@ -216,7 +222,12 @@ def assign_categories(count: int, weights: dict[str, float], seed: int) -> list[
     n = {c: int(exact[c]) for c in names}
     for c in sorted(names, key=lambda c: (n[c] - exact[c], CATEGORIES.index(c)))[: count - sum(n.values())]:
         n[c] += 1
-    order = [c for c in names for _ in range(n[c])]
+    return n
+
+
+def assign_categories(count: int, weights: dict[str, float], seed: int) -> list[str]:
+    """Exactly proportional category counts (:func:`apportion`), in a seeded shuffled order."""
+    order = [c for c, n in apportion(count, weights).items() for _ in range(n)]
     random.Random(seed).shuffle(order)
     return order
 
@@ -264,67 +275,236 @@ def parse_icl_prompt(text: str, max_words: int = 40) -> str | None:
 
 
 # ---------------------------------------------------------------------------------- prompt files
+# prompts.source=files. What a researcher feeds here is often a benchmark's own files (T2I-CompBench's
+# `color_val.txt`, ...), so nothing is lost or changed silently: every line is normalised, then counted as
+# kept, empty, duplicate, not UTF-8 or overlong; every kept prompt remembers its file and line; and the
+# files' hashes are part of the run's config hash, so a file edited under a run is caught.
+class PromptFileError(ConfigError):
+    """The prompt files cannot give the run what it asks for; the message names the file (and line)."""
+
+
+# The byte-order mark and zero-width characters are invisible in an editor, yet make two equal-looking
+# prompts differ (and reach the tokenizer): removed before anything else.
+_INVISIBLE = re.compile("[\u200b-\u200d\u2060\ufeff]")
+_SPACE = re.compile(r"\s+")
+# T2I-CompBench names: color_val.txt, 3d_spatial_val.txt, complex_val_action.txt (a split of `complex`)
+_CATEGORY_IN_NAME = re.compile(r"^(?P<category>.+?)(?:_(?:val|train|test)(?:_\w+)?)?$")
+
+
 @dataclass
 class FilePrompts:
-    texts: list[str]
-    categories: list[str]
-    counts: Counter  # what was dropped or changed, by reason
+    """Prompts read from files, column by column (as the prompts shard stores them), with counts of what
+    normalisation changed and what was dropped, by reason."""
+
+    texts: list[str] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # the file's name within prompts.files
+    lines: list[int] = field(default_factory=list)  # 1-based line in that file
+    counts: Counter = field(default_factory=Counter)
+
+    def take(self, rows: Sequence[int]) -> FilePrompts:
+        return FilePrompts([self.texts[i] for i in rows], [self.categories[i] for i in rows],
+                           [self.files[i] for i in rows], [self.lines[i] for i in rows], self.counts)
 
 
-_FILE_SUFFIXES = ("_val", "_train", "_test")
-
-
-def category_of_file(path: Path) -> str:
-    stem = path.stem
-    for suffix in _FILE_SUFFIXES:
-        stem = stem.removesuffix(suffix)
-    return stem
-
-
-def read_prompt_files(source: str | Path, max_tokens: int, overlong: str,
-                      count_tokens: Callable[[str], int] | None = None) -> FilePrompts:
-    """One prompt per line from a .txt file, or every *.txt of a folder (category = file name, as in
-    T2I-CompBench: color_val.txt -> color). Empty lines, duplicates (first kept), lines that are not
-    UTF-8, and prompts over `max_tokens` (truncated or rejected) are counted, never silently kept."""
+def prompt_files(source: str | Path) -> list[Path]:
+    """The prompt files of `prompts.files`: the file itself, or every *.txt of the folder (sorted)."""
     source = Path(source)
     files = sorted(source.glob("*.txt")) if source.is_dir() else [source]
     if not files:
-        raise ValueError(f"{source}: no .txt prompt files found")
+        raise PromptFileError(f"{source}: no .txt prompt files found")
+    return files
+
+
+def category_of_file(path: Path, mapping: dict[str, str] | None = None) -> str:
+    """A file's category: `mapping[file name]` (prompts.file_categories) when given, else the category in
+    its name, T2I-CompBench style (color_val.txt -> color, complex_val_action.txt -> complex)."""
+    if mapping and path.name in mapping:
+        category, how = mapping[path.name], "prompts.file_categories maps it to"
+    else:
+        category, how = _CATEGORY_IN_NAME.match(path.stem).group("category"), "its name gives"
+    if category not in CATEGORIES:
+        raise PromptFileError(f"{path}: {how} the category '{category}', not one of {', '.join(CATEGORIES)}; "
+                              f"map the file to one: prompts.file_categories={{{path.name}: <category>}}")
+    return category
+
+
+def files_digest(source: str | Path) -> dict[str, str]:
+    """sha256 (16 hex digits) of each prompt file's bytes, by file name: recorded in the run's config."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in prompt_files(source)}
+
+
+def check_files_unchanged(source: str | Path, recorded: dict[str, str]) -> None:
+    """Refuse prompt files that differ from the hashes recorded when the run was created."""
+    now = files_digest(source)
+    if now == recorded:
+        return
+    changes = {"edited": sorted(k for k in set(now) & set(recorded) if now[k] != recorded[k]),
+               "added": sorted(set(now) - set(recorded)), "removed": sorted(set(recorded) - set(now))}
+    what = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in changes.items() if names)
+    raise PromptFileError(f"{source}: the prompt files changed since the run was created ({what}), so its "
+                          f"prompts would no longer be the ones its config hash stands for; restore the files, "
+                          f"or start another run (run.name) with them")
+
+
+def normalise_text(text: str) -> tuple[str, list[str]]:
+    """A line as it is compared and stored: byte-order mark and zero-width characters removed, other
+    control characters removed, Unicode NFC, whitespace runs collapsed to one space, ends stripped.
+    Also returns what changed it (stripping the ends alone is not counted)."""
+    changes = []
+    visible = _INVISIBLE.sub("", text)
+    if visible != text:
+        changes.append("invisible_removed")
+    printable = "".join(ch for ch in visible if ch.isspace() or unicodedata.category(ch) != "Cc")
+    if printable != visible:
+        changes.append("control_removed")
+    composed = unicodedata.normalize("NFC", printable)
+    if composed != printable:
+        changes.append("nfc_changed")
+    collapsed = _SPACE.sub(" ", composed).strip()
+    if collapsed != composed.strip():
+        changes.append("whitespace_collapsed")
+    return collapsed, changes
+
+
+def token_counter(tokenizer: Any) -> Callable[[str], int]:
+    """Prompt length in the model's own tokens (what prompts.max_tokens limits)."""
+    return lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+
+def read_prompt_files(source: str | Path, max_tokens: int | None, overlong: str,
+                      count_tokens: Callable[[str], int] | None = None,
+                      file_categories: dict[str, str] | None = None) -> FilePrompts:
+    """One prompt per line from a .txt file, or every *.txt of a folder, each with its category
+    (:func:`category_of_file`), file and line. Lines are normalised (:func:`normalise_text`) before
+    duplicates are dropped (case-insensitive, the first kept); empty lines, lines that are not UTF-8 and
+    prompts over `max_tokens` (truncated or rejected, per `overlong`) are counted and logged, never silently
+    kept or lost. `max_tokens=None` skips the length check (the config-time scan has no tokenizer).
+    Raises PromptFileError for an unknown category, a UTF-16 file, or a truncation that leaves nothing."""
+    source = Path(source)
+    files = prompt_files(source)
+    mapping = dict(file_categories or {})
+    strays = sorted(set(mapping) - {f.name for f in files})
+    if strays:
+        raise PromptFileError(f"{source}: prompts.file_categories names {strays}, which are not among its prompt "
+                              f"files ({', '.join(f.name for f in files)})")
     count_tokens = count_tokens or (lambda s: len(s.split()))
-    texts: list[str] = []
-    cats: list[str] = []
+    out = FilePrompts()
+    counts = out.counts
     seen: set[str] = set()
-    counts: Counter = Counter()
     for f in files:
-        category = category_of_file(f) if source.is_dir() else "file"
-        for lineno, raw in enumerate(f.read_bytes().splitlines(), 1):
+        category = category_of_file(f, mapping)
+        data = f.read_bytes()
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise PromptFileError(f"{f}: UTF-16 text (byte-order mark {data[:2].hex()}); save it as UTF-8")
+        for lineno, raw in enumerate(data.splitlines(), 1):  # \n, \r\n, \r: the lines an editor shows
             try:
-                line = raw.decode("utf-8").strip()
+                decoded = raw.decode("utf-8")
             except UnicodeDecodeError:
                 counts["not_utf8"] += 1
                 log.warning("%s:%d: not UTF-8, skipped", f, lineno)
                 continue
-            line = line.replace("\x00", "")
+            line, changes = normalise_text(decoded)
+            counts.update(changes)
             if not line:
                 counts["empty"] += 1
                 continue
-            if count_tokens(line) > max_tokens:
+            if max_tokens is not None and count_tokens(line) > max_tokens:
                 if overlong == "reject":
                     counts["overlong_rejected"] += 1
                     log.warning("%s:%d: over %d tokens, rejected", f, lineno, max_tokens)
                     continue
-                line = truncate_to_tokens(line, max_tokens, count_tokens)
+                cut = truncate_to_tokens(line, max_tokens, count_tokens)
+                if not cut:
+                    raise PromptFileError(
+                        f"{f}:{lineno}: prompts.overlong=truncate would leave nothing of this prompt (its first "
+                        f"word alone is over prompts.max_tokens={max_tokens} tokens): {line[:60]!r}; shorten "
+                        f"or remove the line, or set prompts.overlong=reject")
+                line = cut
                 counts["overlong_truncated"] += 1
             key = line.lower()
             if key in seen:
                 counts["duplicate"] += 1
                 continue
             seen.add(key)
-            texts.append(line)
-            cats.append(category)
-    counts["kept"] = len(texts)
+            out.texts.append(line)
+            out.categories.append(category)
+            out.files.append(f.name)
+            out.lines.append(lineno)
+    counts["kept"] = len(out.texts)
     log.info("prompt files %s: %s", source, dict(counts))
-    return FilePrompts(texts, cats, counts)
+    return out
+
+
+def _drawable(found: FilePrompts, weights: dict[str, float], source: str | Path) -> dict[str, float]:
+    """The weights of the categories the files have and prompts.categories weighs; none: PromptFileError."""
+    present = set(found.categories)
+    active = {c: weights[c] for c in CATEGORIES if weights.get(c, 0) > 0 and c in present}
+    if not found.texts:
+        dropped = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(found.counts.items())
+                            if k != "kept" and n)
+        names = ", ".join(f.name for f in prompt_files(source))
+        raise PromptFileError(f"{source}: the prompt files ({names}) yield no prompt ({dropped or 'no lines'})")
+    if not active:
+        have = ", ".join(sorted({f"{name}: {c}" for name, c in zip(found.files, found.categories, strict=True)}))
+        raise PromptFileError(f"{source}: prompts.categories gives no weight to the categories of its prompt "
+                              f"files ({have}), so no prompt would be drawn")
+    return active
+
+
+def draw_file_prompts(found: FilePrompts, count: int, weights: dict[str, float], run_seed: int, iteration: int,
+                      source: str | Path = "prompts.files") -> tuple[list[int], dict[str, dict[str, int]]]:
+    """Rows of `found` for one iteration: `count` prompts split across the categories as `weights` say (the
+    same :func:`apportion` as the generated prompts), drawn at random within a category (seeded by the run
+    seed and iteration), returned in file order, with a table category -> share, available, taken. A
+    category with fewer prompts than its share gives all it has, and says so; categories the files lack,
+    or that have no weight, are left out, and that is said too."""
+    active = _drawable(found, weights, source)
+    rows_of: dict[str, list[int]] = {}
+    for row, c in enumerate(found.categories):
+        rows_of.setdefault(c, []).append(row)
+    files_of = {c: ", ".join(sorted({found.files[r] for r in rows})) for c, rows in rows_of.items()}
+    for c in sorted(set(rows_of) - set(active)):
+        log.warning("%s: the %d prompts of category %s (%s) are not used: prompts.categories gives it no weight",
+                    source, len(rows_of[c]), c, files_of[c])
+    lacking = [c for c in CATEGORIES if weights.get(c, 0) > 0 and c not in rows_of]
+    if lacking:
+        log.warning("%s: no prompt file has the categories %s; prompts.count is split among %s only", source,
+                    ", ".join(lacking), ", ".join(active))
+    chosen: list[int] = []
+    table: dict[str, dict[str, int]] = {}
+    for c, share in apportion(count, active).items():
+        rows = rows_of[c]
+        if len(rows) <= share:
+            taken = rows
+            if len(rows) < share:
+                log.warning("%s: prompts.count=%d asks for %d %s prompts; %s has %d: all taken", source, count,
+                            share, c, files_of[c], len(rows))
+        else:
+            taken = random.Random(derive_seed(run_seed, iteration, -1, 0, f"file-prompts:{c}")).sample(rows, share)
+        table[c] = {"share": share, "available": len(rows), "taken": len(taken)}
+        chosen.extend(taken)
+    log.info("%s: %d prompts drawn for iteration %d: %s", source, len(chosen), iteration,
+             ", ".join(f"{c} {t['taken']}/{t['share']}" for c, t in table.items()))
+    return sorted(chosen), table
+
+
+def select_file_prompts(p: PromptsConfig, run_seed: int, iteration: int, count_tokens: Callable[[str], int],
+                        ) -> tuple[FilePrompts, dict[str, Any]]:
+    """One iteration's prompts from `prompts.files`, and the shard's `extra` (counts): the files checked
+    against the hashes the run recorded, read, and drawn. The prompts stage and the driver (before it
+    submits the stage) both call it, so a bad file stops the run before any job is submitted."""
+    check_files_unchanged(p.files, p.files_sha256)
+    found = read_prompt_files(p.files, p.max_tokens, p.overlong.value, count_tokens, p.file_categories)
+    rows, table = draw_file_prompts(found, p.count, p.categories, run_seed, iteration, p.files)
+    return found.take(rows), {"file_counts": dict(found.counts), "category_counts": table}
+
+
+def check_prompt_source(p: PromptsConfig) -> None:
+    """The config-time check, before the tokenizer is at hand: every file's category is known and the
+    files hold a prompt that prompts.categories would draw (lengths are checked by the prompts stage)."""
+    found = read_prompt_files(p.files, None, p.overlong.value, file_categories=p.file_categories)
+    _drawable(found, p.categories, p.files)
 
 
 def truncate_to_tokens(text: str, max_tokens: int, count_tokens: Callable[[str], int]) -> str:

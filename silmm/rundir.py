@@ -75,6 +75,8 @@ class RunDir:
         fixed = {k: v for k, v in diffs.items() if not C.is_mutable_key(k)}
         if fixed:
             lines = "\n".join(f"  {k}: {old!r} (run) -> {val!r} (given)" for k, (old, val) in fixed.items())
+            if any(k.startswith("prompts.files_sha256") for k in fixed):
+                lines += "\n(prompts.files_sha256: the prompt files were edited since the run was created)"
             raise C.ConfigError(
                 f"{self.path / 'config.yaml'}: the run exists with a different config; these keys would "
                 f"change its results:\n{lines}\nUse another run.name, or the run's own config.")

@@ -72,7 +72,33 @@ def describe_status(run: RunDir) -> str:
             missing = max(expected - done - running, 0)
             lines.append(f"  {stage:9s} done {done}/{expected}  running {running}  failed {failed}  missing {missing}"
                          f"{eta}{'  jobs ' + ' '.join(jobs[:8]) if jobs else ''}")
+    lines += _eval_status(run)
     return "\n".join(lines)
+
+
+def _eval_status(run: RunDir) -> list[str]:
+    """Benchmark evaluation (eval.benchmarks): per benchmark and evaluated iteration, current shards and
+    whether results.json is written (iterations with nothing on disk are left out, except 0)."""
+    from silmm.eval import stage as E
+    from silmm.eval.results import is_current
+
+    if not run.config.eval.benchmarks:
+        return []
+    lines = ["eval"]
+    for name in run.config.eval.benchmarks:
+        for it in range(0, run.config.run.iterations + 1):
+            if it and not (run.path / "eval" / name / f"iter_{it:02d}").is_dir():
+                continue
+            try:
+                plan = E.plan(run, it, name)
+                digest = plan.eval_hash()
+            except (ValueError, RuntimeError, OSError) as exc:  # unreadable benchmark, missing model: say so
+                lines.append(f"  {name} iter_{it:02d}: cannot plan ({exc})")
+                continue
+            done = sum(E.shard_is_current(plan, s, digest) for s in range(plan.shard_count))
+            results = "written" if is_current(plan.results_path, digest) else "missing"
+            lines.append(f"  {name:14s} iter_{it:02d}  shards {done}/{plan.shard_count}  results {results}")
+    return lines
 
 
 def cancel(run: RunDir) -> list[str]:

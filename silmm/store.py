@@ -88,7 +88,11 @@ SCHEMAS: dict[str, StageSchema] = {
                 _c("prompt_id", "int64", "prompts", "stable prompt id, unique within the iteration"),
                 _c("text", STR, "prompts", "the prompt"),
                 _c("category", STR, "prompts", "color, shape, texture, spatial, 3d_spatial, numeracy, "
-                   "non_spatial, complex (or the file's category)"),
+                   "non_spatial, complex (files: prompts.file_categories or the file's name)"),
+                _c("source_file", STR, "prompts", "prompts.source=files: the file the prompt was read from "
+                   "(its name in prompts.files)", family="optional"),
+                _c("source_line", "int32", "prompts", "prompts.source=files: the prompt's 1-based line in that "
+                   "file", family="optional"),
             ),
         ),
         StageSchema(
@@ -162,13 +166,56 @@ SCHEMAS: dict[str, StageSchema] = {
                    inner=("L", "D"), family="continuous"),
             ),
         ),
+        StageSchema(
+            "eval",
+            "Benchmark evaluation (jobs/eval.py), `eval/<benchmark>/iter_KK/shard_NNNNN.h5`: one shard of a "
+            "benchmark's prompts with their ids and own questions, N images per prompt drawn by the "
+            "iteration's model, and the scorer's answers per image. `extra` holds `benchmark`, `scorer`, "
+            "`eval_hash` (a shard with another eval hash is redone) and the settings it covers.",
+            (
+                _c("prompt_index", "int64", "prompts", "position of the prompt in the benchmark as read"),
+                _c("prompt_id", STR, "prompts", "the benchmark's own id (file name, item_id, TIFA id, index)"),
+                _c("text", STR, "prompts", "the prompt as the benchmark gives it"),
+                _c("model_text", STR, "prompts", "the text the model was given (differs only with "
+                   "eval.benchmarks.<name>.overlong=truncate)"),
+                _c("category", STR, "prompts", "the benchmark's category"),
+                _c("subcategory", STR, "prompts", "the benchmark's sub-category (or empty)"),
+                _c("source", STR, "prompts", "file the prompt comes from, relative to the benchmark root"),
+                _c("line", "int32", "prompts", "1-based line in `source` (0: not line-based)"),
+                _c("metadata", STR, "prompts", "the benchmark's own record, JSON text, verbatim (or empty)"),
+                _c("question_count", "int32", "prompts", "the benchmark's own questions of each prompt",
+                   counts="benchmark_questions"),
+                _c("image_count", "int32", "prompts", "images of each prompt", counts="images"),
+                _c("question_id", STR, "benchmark_questions", "the benchmark's question id"),
+                _c("question_text", STR, "benchmark_questions", "the benchmark's question"),
+                _c("question_answer", STR, "benchmark_questions", "its expected answer"),
+                _c("question_choices", STR, "benchmark_questions", "JSON list of choices ([] = yes/no)"),
+                _c("question_parents", STR, "benchmark_questions", "JSON list of the ids it depends on"),
+                _c("question_category", STR, "benchmark_questions", "its category / element type (or empty)"),
+                _c("question_element", STR, "benchmark_questions", "its element (or empty)"),
+                _c("image_index", "int32", "images", "0..N-1 within the prompt"),
+                _c("seed", "int64", "images", "sampling seed: (run seed, benchmark, benchmark id, image index), "
+                   "the same for every iteration"),
+                _c("decode_seed", "int64", "images", "seed of the decoder's noise (diffusion decoders)"),
+                _c("image_png", BYTES, "images", "the image as PNG bytes"),
+                _c("score", "float32", "images", "the scorer's own per-image score"),
+                _c("score_extra", STR, "images", "JSON: scorer-specific per-image values (oracle: partial, strict)"),
+                _c("answer_count", "int32", "images", "questions the scorer asked about each image",
+                   counts="answers"),
+                _c("question", STR, "answers", "question asked (the benchmark's, or the scorer's own)"),
+                _c("p_yes", "float32", "answers", "p('yes' | image, question) (NaN: not a yes/no question)"),
+                _c("p_no", "float32", "answers", "p('no' | image, question) (NaN: not a yes/no question)"),
+                _c("answer", STR, "answers", "'yes'/'no' or the chosen choice"),
+                _c("correct", "float32", "answers", "1.0 when the answer is the expected one, else 0.0"),
+            ),
+        ),
     )
 }
 
 COMMON_ATTRS = (
     ("schema_version", "shard schema version (this document: 1)"),
-    ("stage", "prompts | questions | samples | scores | pairs"),
-    ("iteration", "SILMM iteration, from 1"),
+    ("stage", "prompts | questions | samples | scores | pairs | eval"),
+    ("iteration", "SILMM iteration, from 1 (eval: the model iteration K ends with; 0 = the base model)"),
     ("shard_index", "index of this shard in the stage (0 for pairs)"),
     ("shard_count", "number of shards of the stage"),
     ("config_hash", "hash of the run's result-affecting config; readers refuse a different one"),

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import submitit
 from tqdm import tqdm
 
+from silmm.eval.results import eval_dir, is_current, results_path
 from silmm.fsutil import atomic_write_text
 from silmm.rundir import RunDir
 from silmm.store import Shard, ShardMeta, ShardWriter, StoreOptions, is_complete, read_shard
@@ -41,6 +42,7 @@ class StageTask(submitit.helpers.Checkpointable):
     iteration: int
     stage: str
     shard: int = 0
+    benchmark: str = ""  # eval, eval_results: the benchmark evaluated ("" for every other stage)
 
     def __call__(self) -> dict[str, Any]:
         return run_task(self)
@@ -54,7 +56,8 @@ class StageTask(submitit.helpers.Checkpointable):
 
     @property
     def name(self) -> str:
-        return f"iter_{self.iteration:02d}/{self.stage}/shard_{self.shard:05d}"
+        bench = f"/{self.benchmark}" if self.benchmark else ""
+        return f"iter_{self.iteration:02d}/{self.stage}{bench}/shard_{self.shard:05d}"
 
 
 def output_path(run: RunDir, task: StageTask) -> Path:
@@ -66,6 +69,10 @@ def output_path(run: RunDir, task: StageTask) -> Path:
         return run.pairs_path(task.iteration)
     if task.stage == "train":
         return run.model_dir(task.iteration) / "DONE"
+    if task.stage == "eval":
+        return eval_dir(run.path, task.benchmark, task.iteration) / f"shard_{task.shard:05d}.h5"
+    if task.stage == "eval_results":
+        return results_path(run.path, task.benchmark, task.iteration)
     return run.shard_path(task.iteration, task.stage, task.shard)
 
 
@@ -74,6 +81,15 @@ def is_done(run: RunDir, task: StageTask) -> bool:
     out = output_path(run, task)
     if task.stage in ("train", "pretrain", "evaluate"):  # written last, atomically
         return out.is_file()
+    if task.stage in ("eval", "eval_results"):  # complete, and from the current eval settings (eval hash)
+        from silmm.eval import stage as E
+
+        if not out.is_file():
+            return False
+        plan = E.plan(run, task.iteration, task.benchmark)
+        if task.stage == "eval":
+            return E.shard_is_current(plan, task.shard, plan.eval_hash())
+        return is_current(out, plan.eval_hash())
     return is_complete(out, config_hash=run.config_hash, options=StoreOptions.from_config(run.config.store))
 
 
@@ -87,7 +103,8 @@ def task_rank() -> int:
 
 def log_path(run: RunDir, task: StageTask, rank: int = 0) -> Path:
     suffix = f".rank{rank}" if rank else ""  # one log per rank of a multi-task job
-    return run.logs_dir / f"iter_{task.iteration:02d}" / f"{task.stage}_{task.shard:05d}{suffix}.log"
+    bench = f"_{task.benchmark}" if task.benchmark else ""
+    return run.logs_dir / f"iter_{task.iteration:02d}" / f"{task.stage}{bench}_{task.shard:05d}{suffix}.log"
 
 
 @contextmanager
@@ -119,7 +136,8 @@ def run_task(task: StageTask) -> dict[str, Any]:
                                           "SLURM_RESTART_COUNT") if k in os.environ}
         log.info("%s: start on %s %s -> %s", task.name, socket.gethostname(), env, out)
         t0 = time.time()
-        stats = job.run(run, task.iteration, task.shard)
+        kwargs = {"benchmark": task.benchmark} if task.benchmark else {}
+        stats = job.run(run, task.iteration, task.shard, **kwargs)
         stats.update(task=task.name, output=str(out), seconds=round(time.time() - t0, 3),
                      host=socket.gethostname(), **env)
         if rank == 0:
@@ -135,12 +153,14 @@ def read_input(run: RunDir, iteration: int, stage: str, shard: int) -> Shard:
 
 
 def open_writer(run: RunDir, iteration: int, stage: str, shard: int, shard_count: int,
-                extra: dict[str, Any] | None = None) -> ShardWriter:
-    """The stage's resumable writer, registered so a preemption flushes it."""
+                extra: dict[str, Any] | None = None, path: Path | None = None,
+                flush_every: int | None = None) -> ShardWriter:
+    """The stage's resumable writer, registered so a preemption flushes it. ``path`` and ``flush_every``
+    default to the run's layout and `sharding.flush_every` (the eval stage gives its own)."""
     global _active_writer
     meta = ShardMeta(stage, iteration, shard, shard_count, run.config_hash, extra or {})
-    writer = ShardWriter(run.shard_path(iteration, stage, shard), meta, run.config.sharding.flush_every,
-                         StoreOptions.from_config(run.config.store))
+    writer = ShardWriter(path or run.shard_path(iteration, stage, shard), meta,
+                         flush_every or run.config.sharding.flush_every, StoreOptions.from_config(run.config.store))
     if writer.done:
         log.info("resuming %s: %d prompts already recorded", writer.path, len(writer.done))
     _active_writer = writer

@@ -1,5 +1,6 @@
 """The toy world loop: pretraining (resumable, cached), toy prompts, config checks, and a smoke run of
-configs/toy_smoke.yaml through the driver (every stage's shards valid, evaluations and report written)."""
+configs/toy_smoke.yaml through the driver (every stage's shards valid, evaluations and report written; the
+eval stage's toy benchmark agrees exactly with the toy evaluation)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import jobs.pretrain
 import jobs.prompts
 from silmm import config as C
 from silmm.driver import run_driver
+from silmm.eval.results import read_results, results_path
 from silmm.images import from_png
 from silmm.rundir import SHARD_STAGES, RunDir
 from silmm.store import read_shard
@@ -128,7 +130,14 @@ def test_toy_smoke_run_writes_valid_shards_evaluations_and_report(tmp_path):
             stored = next(r for r in ev["results"] if r["prompt"] == prompt)
             assert [world.score(str(prompt), im).overall for im in images] == stored["oracle"]
 
+    for iteration in (0, 1):  # the eval stage's toy benchmark (oracle) agrees exactly with the toy evaluation
+        res = read_results(results_path(run.path, "toy", iteration))
+        ev = json.loads((run.path / "eval" / f"iter_{iteration:02d}.json").read_text())
+        assert (res.overall, res.per_category, res.tables["strict"]["overall"], res.tables["partial"]["overall"]) \
+            == (ev["overall"], ev["per_category"], ev["strict"], ev["partial"])
+
     report = (run.path / "report" / "report.md").read_text()
+    assert "eval/toy/iter_KK/results.json" in report
     rows = [line for line in report.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
     assert len(rows) == 2
     for name in ("alignment.png", "score_distributions.png", "grid.png"):

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from silmm.eval.results import find_results  # noqa: E402
 from silmm.fsutil import atomic_write_text  # noqa: E402
 from silmm.rundir import RunDir  # noqa: E402
 from silmm.toy import world  # noqa: E402
@@ -29,10 +30,19 @@ def eval_path(run: RunDir, iteration: int) -> Path:
 
 
 def load_evals(run_path: Path) -> dict[int, dict]:
+    """The toy evaluation of each iteration (eval/iter_KK.json), with the oracle alignment (overall, per
+    category, strict, partial) taken from the eval stage's `toy` benchmark results where they exist
+    (eval/toy/iter_KK/results.json: the same images and numbers); the self-feedback agreement comes from
+    the toy evaluation."""
     out = {}
     for path in sorted((run_path / "eval").glob("iter_??.json")):
         data = json.loads(path.read_text())
         out[int(data["iteration"])] = data
+    for (benchmark, iteration), res in find_results(run_path).items():
+        if benchmark == "toy" and iteration in out and {"strict", "partial"} <= set(res.tables):
+            out[iteration].update(overall=res.overall, per_category=res.per_category,
+                                  strict=res.tables["strict"]["overall"], partial=res.tables["partial"]["overall"],
+                                  alignment_source=f"eval/toy/iter_{iteration:02d}/results.json")
     return out
 
 
@@ -106,6 +116,14 @@ def _grid(run_path: Path, evals: dict[int, dict], out: Path, scale: int = 3, per
     canvas.save(out)
 
 
+def _source_note(evals: dict[int, dict]) -> str:
+    staged = [i for i in sorted(evals) if "alignment_source" in evals[i]]
+    if not staged:
+        return ""
+    return (" Alignment columns of iteration(s) " + ", ".join(map(str, staged)) + ": the eval stage's `toy` benchmark "
+            "scored by the `oracle` (`eval/toy/iter_KK/results.json`); self-feedback columns: the toy evaluation.")
+
+
 def write_report(run: RunDir) -> Path:
     evals = load_evals(run.path)
     out = run.path / "report"
@@ -120,7 +138,7 @@ def write_report(run: RunDir) -> Path:
              f"{cfg.sampling.samples_per_prompt} samples per iteration. Evaluation: {cfg.toy.eval_prompts} held-out "
              f"prompts (never used for pretraining or training) x {cfg.toy.eval_samples} images, scored by the exact "
              "oracle. Alignment = share of images where every check of the prompt holds; strict = and the image "
-             "holds no object beyond those the prompt names.", "",
+             "holds no object beyond those the prompt names." + _source_note(evals), "",
              "| iteration | overall | " + " | ".join(world.CATEGORIES) + " | strict | checks held | self-score | "
              "self/oracle pairwise agreement | mean Spearman (prompts) | questions exact |",
              "|---" * (8 + len(world.CATEGORIES)) + "|"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -450,3 +451,9 @@ def test_t2i_prompts_that_cannot_be_file_names_as_written(tmp_path):
     with pytest.raises(BenchmarkError, match="complex_val:7: file name longer than 255 bytes"):
         bench.export(tmp_path / "export2", [long], lambda p: images_for(0, 1))
     assert not (tmp_path / "export2").exists()  # nothing half-written is left in place
+
+
+@pytest.mark.parametrize("name", ["t2i_compbench", "dpg_bench", "tifa", "geneval"])
+def test_readme_gives_the_official_commands_of_every_benchmark(name):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert get_benchmark(name).official_commands.rstrip() in readme

@@ -388,7 +388,10 @@ def write_grid(results: Mapping[int, EvalResult], out: Path, rows: int = GRID_RO
         for c, k in enumerate(its):
             with Image.open(exports[k] / name) as im:
                 tile = ImageOps.contain(im.convert("RGB"), (cell, cell))  # up or down, aspect ratio kept
-            canvas.paste(tile, (label_w + c * (cell + pad), y))
+            x = label_w + c * (cell + pad)
+            canvas.paste(tile, (x, y))
+            # a frame: benchmark images often have white backgrounds that would merge across cells
+            draw.rectangle((x - 1, y - 1, x + tile.width, y + tile.height), outline=(160, 160, 160))
     _save_image_atomic(canvas, out)
     return GridInfo(out, its, names, len(common))
 

@@ -79,7 +79,9 @@ def run(run: RunDir, iteration: int, shard: int, benchmark: str) -> dict[str, An
         config_hash=run.config_hash, eval_hash=eval_hash, prompts=n, images_per_prompt=plan.images_per_prompt,
         max_prompts=plan.settings.max_prompts, overall=float(agg["overall"]),
         per_category={k: float(v) for k, v in agg["per_category"].items()}, tables=tables,
-        notes=[*agg.get("notes", []), *plan.read_notes], benchmark_prompts=n_all)
+        notes=[*agg.get("notes", []), *plan.read_notes], benchmark_prompts=n_all,
+        scorer_identity=scorer.identity_of(run),
+        deviating_categories=list(getattr(scorer, "deviating_categories", lambda b: [])(benchmark)))
     path = write_results(plan.results_path, results)  # last: marks the step done
     log.info("%s iteration %d: overall %.4f (%s) -> %s", benchmark, iteration, results.overall,
              ", ".join(f"{k} {v:.3f}" for k, v in results.per_category.items()), path)

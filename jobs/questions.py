@@ -47,7 +47,7 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
             if qcfg.method is QuestionMethod.prompt_q:
                 qs, fallback = Q.prompt_q(texts[k]), False
             elif qcfg.method is QuestionMethod.phrase_q:
-                qs, fallback = Q.phrase_q(texts[k])[: qcfg.max_questions], False
+                qs, fallback = Q.phrase_q(texts[k], qcfg.max_questions), False
             else:
                 qs = Q.parse_questions(outputs[j], qcfg.max_questions)
                 fallback = not qs

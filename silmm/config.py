@@ -368,11 +368,28 @@ class BenchmarkConfig:
 
 
 @dataclass
+class ExpertsConfig:
+    """Checkpoint directories of the `expert` scorer's judges (transformers `from_pretrained`, no network).
+    Only the roles a configured benchmark needs are required (silmm/eval/scorers/expert.py)."""
+
+    vqa: str | None = None  # BlipForQuestionAnswering (T2I-CompBench uses blip-vqa-capfilt-large)
+    clip: str | None = None  # CLIPModel ViT-B/32: T2I-CompBench's CLIPScore
+    clip_large: str | None = None  # CLIPModel ViT-L/14: GenEval's colour classifier
+    detector: str | None = None  # Owlv2ForObjectDetection: stands in for T2I-CompBench's UniDet
+    depth: str | None = None  # DPTForDepthEstimation: T2I-CompBench's 3D spatial
+    segmentation: str | None = None  # Mask2FormerForUniversalSegmentation (COCO instance): GenEval
+    # TIFA maps a free-form answer to the nearest choice with sentence embeddings (all-mpnet-base-v2, any
+    # AutoModel); without it the VQA model's likelihood of each choice decides (results.json says which)
+    sbert: str | None = None
+
+
+@dataclass
 class EvalConfig:
     """Benchmark evaluation (jobs/eval.py): which benchmarks, when, and how the work is sharded. Not part
     of the run's config hash (it cannot change training); eval shards and results record their own."""
 
     benchmarks: dict[str, BenchmarkConfig] = field(default_factory=dict)  # name -> settings; listed = on
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     after_each_iteration: bool = False  # the driver evaluates the base model and every finished iteration
     prompts_per_shard: int = 32
     batch_size: int = 8  # images per forward
@@ -691,6 +708,13 @@ def _validate_eval(cfg: SilmmConfig, fail, positive, check_paths: bool) -> None:
         for sub in ("images_per_prompt", "max_prompts"):
             if getattr(b, sub) is not None:
                 positive(f"{key}.{sub}", getattr(b, sub))
+        needs = getattr(scorer_class(b.scorer), "required_checkpoints", None)
+        for role, path in (needs(cfg, name) if needs else {}).items():
+            ckpt = f"eval.experts.{role}"
+            if not path:
+                fail(ckpt, f"is required: scorer '{b.scorer}' judges {name} with it (a local checkpoint directory)")
+            if check_paths and not (Path(path) / "config.json").is_file():
+                fail(ckpt, f"{path}: no checkpoint there (no config.json)")
         bench = get_benchmark(name)
         if getattr(bench, "needs_path", True):
             if not b.path:

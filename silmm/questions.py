@@ -76,26 +76,172 @@ def prompt_q(prompt: str) -> list[str]:
     return [prompt.strip().rstrip(".!") + "?"]
 
 
-# Rule-based noun-phrase chunker for Phrase-Q when spaCy's model is not installed: split the prompt at
-# relation words, verbs in -ing and conjunctions; what remains are (determiner + modifiers + noun) chunks.
-_BREAKS = (r"\band\b|\bwith\b|\bnext to\b|\bon the (?:left|right) of\b|\bon top of\b|\bin front of\b|"
-           r"\bbehind\b|\bbelow\b|\babove\b|\bunder\b|\bnear\b|\bhidden by\b|\bon\b|\bin\b|\bat\b|\bof\b|"
-           r"\bis\b|\bare\b|\b\w+ing\b|,")
+# ------------------------------------------------------------------------------- noun phrases
+# Without spaCy: a closed-class chunker. A prompt is split into sentences (".", "!", "?", ";" followed by a
+# space or the end, and newlines; "3.5" is not a boundary); a leading "Is there / Are there / There is /
+# There are" and a trailing "?" are removed, so a prompt that is already a question gives its noun phrases.
+# Inside a sentence, chunks end at punctuation and at closed-class words (prepositions and relation words,
+# conjunctions, pronouns, auxiliaries, relative words, a list of frequent verbs). Open-class words are never
+# dropped for their suffix: a word in -ing ends a chunk only when it acts as a verb (after an auxiliary or a comma, or
+# before a determiner / number / possessive, or before a preposition when it does not follow a determiner
+# and is not a common -ing noun such as "building" or "painting"); a word in -ed likewise only before a
+# preposition ("covered in", "made of"); a word between a noun phrase and a determiner is a verb
+# ("buildings reflect the sky"); every other word stays in its chunk. A lone adjective after a copula
+# ("the sky is blue") is a predicate, not a noun phrase.
+_DETERMINERS = frozenset("a an the this that these those some any each every another his her their its my our "
+                         "your no several many few both all".split())
+_NUMBERS = frozenset("one two three four five six seven eight nine ten eleven twelve a-pair pair dozen".split())
+_BREAK_WORDS = frozenset(
+    "and or but nor with without of on in at by for to from into onto over under below above beneath underneath "
+    "behind beside besides near between among amid across along around against through inside outside within "
+    "toward towards upon via like as than while during after before where which who whom whose that when whereas "
+    "next front top left right atop off up down "
+    "is are was were be been being am has have had does do did can could will would should may might must "
+    "it its they them he him she her we us you i itself themselves each other one another there "
+    "also then very too not just only even still "
+    "stands stand standing sits sit lies lie hangs hang holds hold wears wear rides ride eats eat looks look "
+    "walks walk runs run plays play reads read carries carry flies fly swims swim sleeps sleep rests rest "
+    "faces face leans lean floats float grows grow covers cover fills fill shows show features feature "
+    "contains contain depicts depict displays display surrounds surround glows glow waits wait splashes splash "
+    "reflects reflect shines shine rises rise stretches stretch dances dance jumps jump sings sing smiles smile "
+    "crosses cross chases chase watches watch drinks drink cuts cut uses use has".split())
+# words that may begin a chunk although they are break words elsewhere ("her hat", "its handle")
+_POSSESSIVES = frozenset("his her their its my our your".split())
+_ING_NOUNS = frozenset(
+    "building buildings painting paintings ceiling ceilings clothing drawing drawings ring rings king kings string "
+    "strings thing things wing wings spring springs swing swings morning evening sibling siblings pudding earring "
+    "earrings wedding icing frosting railing railings lighting bedding stuffing awning awnings dumpling dumplings "
+    "sling sting wedding weddings offering landing stocking stockings topping toppings crossing opening "
+    "sibling carving carvings filling seating shopping housing setting sailing".split())
+_ADJ_LEXICON = frozenset(
+    "red blue green yellow black white brown pink purple orange gray grey golden silver beige cyan violet "
+    "round square oval rectangular triangular circular big small large tiny tall short long wide narrow huge "
+    "wooden metallic plastic glass leather fluffy soft hard smooth rough shiny bright dark old new young "
+    "happy sad empty full open closed hot cold wet dry clean dirty".split())
+_ADJ_SUFFIXES = ("y", "ful", "ous", "ive", "ic", "ish", "less", "able", "ible", "al", "ed", "en")
+_COPULAS = frozenset("is are was were be been being am looks look seems seem appears appear".split())
+_EXISTENTIAL = re.compile(r"^\s*(?:(?:is|are)\s+there|there\s+(?:is|are|'s))\b\s*", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<!\d)[.!?;]+(?=\s|$)|\n+")
+_TOKEN = re.compile(r"[A-Za-z0-9]+(?:[-'][A-Za-z0-9]+|\.\d+)*|[^\sA-Za-z0-9]")
 
 
-def noun_phrases(prompt: str) -> list[str]:
-    try:  # a real parser when the user has installed spaCy and an English model
+def _sentences(text: str) -> list[str]:
+    out = []
+    for sent in _SENTENCE_END.split(text):
+        sent = _EXISTENTIAL.sub("", sent.strip().rstrip("?")).strip()
+        if sent:
+            out.append(sent)
+    return out
+
+
+def _is_number(word: str) -> bool:
+    return word.isdigit() or word in _NUMBERS
+
+
+def _looks_adjective(word: str) -> bool:
+    return word in _ADJ_LEXICON or (len(word) > 4 and word.endswith(_ADJ_SUFFIXES))
+
+
+def _chunk_sentence(sentence: str) -> list[str]:
+    tokens = _TOKEN.findall(sentence)
+    low = [t.lower() for t in tokens]
+    chunks: list[tuple[list[str], bool]] = []  # (words, follows a copula)
+    cur: list[str] = []
+    after_copula = False
+
+    def close(next_after_copula: bool):
+        nonlocal cur, after_copula
+        if cur:
+            chunks.append((cur, after_copula))
+        cur = []
+        after_copula = next_after_copula
+
+    for k, (tok, w) in enumerate(zip(tokens, low, strict=True)):
+        prev = low[k - 1] if k else ""
+        nxt = low[k + 1] if k + 1 < len(low) else ""
+        if not tok[0].isalnum():  # punctuation
+            close(False)
+            continue
+        if w in _POSSESSIVES and not cur and nxt and nxt[0].isalnum() and nxt not in _BREAK_WORDS:
+            cur.append(tok)  # "her hat": a determiner, not a pronoun
+            continue
+        if w in _BREAK_WORDS:
+            close(w in _COPULAS or (after_copula and not cur))
+            continue
+        verb_like = False
+        if w.endswith("ing") and len(w) > 5 and w not in _ING_NOUNS:
+            verb_like = (prev in _COPULAS or nxt in _DETERMINERS or _is_number(nxt) or prev == ","
+                         or (nxt in _BREAK_WORDS and nxt not in _COPULAS and prev not in _DETERMINERS))
+        elif w.endswith("ed") and len(w) > 5 and w not in _ADJ_LEXICON:
+            verb_like = nxt in _BREAK_WORDS and nxt not in _COPULAS and prev not in _DETERMINERS
+        elif cur and any(c.lower() not in _DETERMINERS for c in cur) and w not in _ADJ_LEXICON:
+            # "buildings reflect the sky": a word between a noun phrase and a determiner is a verb
+            verb_like = nxt in _DETERMINERS or (_is_number(nxt) and not _is_number(w))
+        if verb_like:
+            close(False)
+            continue
+        cur.append(tok)
+    close(False)
+    out = []
+    for words, predicate in chunks:
+        content = [w for w in words if w.lower() not in _DETERMINERS]
+        if not content or not any(len(w) > 1 and any(c.isalpha() for c in w) for w in content):
+            continue
+        if predicate and len(words) == 1 and _looks_adjective(words[0].lower()):
+            continue  # "the sky is blue": "blue" is a predicate
+        out.append(" ".join(words))
+    return out
+
+
+def _informativeness(phrase: str) -> int:
+    """Attributes and counts are what a question about a phrase checks: modifiers + 2 for a number."""
+    words = [w.lower() for w in phrase.split()]
+    modifiers = sum(1 for w in words[:-1] if w not in _DETERMINERS)
+    return modifiers + 2 * any(_is_number(w) for w in words)
+
+
+def select_phrases(phrases: Sequence[str], max_phrases: int) -> list[str]:
+    """At most ``max_phrases``: the most informative (ties: the earlier), kept in prompt order."""
+    if len(phrases) <= max_phrases:
+        return list(phrases)
+    ranked = sorted(range(len(phrases)), key=lambda i: (-_informativeness(phrases[i]), i))[:max_phrases]
+    return [phrases[i] for i in sorted(ranked)]
+
+
+def _spacy_chunks(prompt: str) -> list[str] | None:
+    try:  # a real parser when the user has installed spaCy and its English pipeline
         import spacy
 
         nlp = spacy.load("en_core_web_sm")
-        return [chunk.text for chunk in nlp(prompt).noun_chunks]
     except (ImportError, OSError):
-        pass
-    chunks = [c.strip(" .") for c in re.split(_BREAKS, prompt, flags=re.IGNORECASE)]
-    return [c for c in chunks if c and re.search(r"[A-Za-z]{2,}", c) and c.lower() not in ("the", "a", "an")]
+        return None
+    return [chunk.text for chunk in nlp(prompt).noun_chunks]
 
 
-def phrase_q(prompt: str) -> list[str]:
-    """The paper's Phrase-Q baseline: one question per noun phrase ('a red apple?')."""
-    phrases = noun_phrases(prompt)
+def noun_phrases(prompt: str, max_phrases: int | None = None, prefer: str = "informative") -> list[str]:
+    """The prompt's noun phrases in prompt order, de-duplicated (case-insensitive): spaCy's noun chunks
+    (en_core_web_sm, as T2I-CompBench) when installed, else the rule-based chunker above.
+
+    ``max_phrases``: keep at most that many; ``prefer="informative"`` keeps those with the most attributes and
+    counts (:func:`select_phrases`), ``prefer="first"`` the first ones (T2I-CompBench's np_num=8 rule)."""
+    if prefer not in ("informative", "first"):
+        raise ValueError(f"prefer must be 'informative' or 'first', not {prefer!r}")
+    chunks = _spacy_chunks(prompt)
+    if chunks is None:
+        chunks = [c for sent in _sentences(prompt) for c in _chunk_sentence(sent)]
+    seen: set[str] = set()
+    phrases = []
+    for c in chunks:
+        if c.lower() not in seen:
+            seen.add(c.lower())
+            phrases.append(c)
+    if max_phrases is None:
+        return phrases
+    return phrases[:max_phrases] if prefer == "first" else select_phrases(phrases, max_phrases)
+
+
+def phrase_q(prompt: str, max_phrases: int | None = None) -> list[str]:
+    """The paper's Phrase-Q baseline: one question per noun phrase ('a red apple?'), at most ``max_phrases``
+    chosen by :func:`select_phrases`; the prompt itself (Prompt-Q) when it has none."""
+    phrases = noun_phrases(prompt, max_phrases)
     return [p + "?" for p in phrases] or prompt_q(prompt)

@@ -392,3 +392,16 @@ def test_cli_links_self_feedback(run, capsys):
     assert "self-feedback:" in capsys.readouterr().out
     index = (run.path / "report" / "index.md").read_text()
     assert "- [self-feedback](self_feedback.md)" in index
+
+
+def test_values_of_a_substitute_judge_are_marked(run):
+    per = {c: 0.5 for c in T2I_CATS}
+    write_results(run, "t2i_compbench", 0, per, 0.5, scorer="expert", deviating_categories=["spatial", "numeracy"])
+    md = ER.write_benchmark_report(run).table.read_text()
+    t4_layout, t1_layout = md_tables(md, "T2I-CompBench++ (`t2i_compbench`)")
+    ours = next(r for r in t4_layout if r["model"] == "this run")
+    assert ours["Spatial"] == "50.00 †" and ours["Numeracy"] == "50.00 †" and ours["Color"] == "50.00"
+    assert ours["overall (ours only)"] == "50.00 †"
+    mine = next(r for r in t1_layout if r["model"] == "this run")
+    assert mine["T2I-CompBench++ Layout"].endswith("†") and not mine["T2I-CompBench++ Attribute"].endswith("†")
+    assert "† judged by a substitute" in md

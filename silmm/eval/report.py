@@ -204,6 +204,16 @@ def recipe_cell(r: EvalResult) -> str:
     return "deviates: " + ("; ".join(r.res.deviations) if r.res.deviations else "(no deviation recorded)")
 
 
+def _dagger(r: EvalResult, benchmark: str, key: str) -> str:
+    """" †" on a value judged by a substitute for the benchmark's own judge (results' deviating_categories),
+    so nobody mistakes it for the official number; a group or the overall is marked when any part is."""
+    bad = set(r.res.deviating_categories)
+    if not bad:
+        return ""
+    parts = set(paper.GROUPS.get(benchmark, {}).get(key, (key,)))
+    return " †" if "*" in bad or key == OVERALL or parts & bad else ""
+
+
 def _iteration_label(k: int | None) -> str:
     return "+ Ours (final)" if k is None else ("0 (base)" if k == 0 else str(k))
 
@@ -228,7 +238,8 @@ def comparison_table(benchmark: str, results: Mapping[int, EvalResult], table: p
         cells += ["expert (paper)", "-", "-", "-"]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     for k, r in results.items():
-        cells = ["this run", _iteration_label(k), *[_pct(our_value(r, benchmark, c.key)) for c in cols],
+        cells = ["this run", _iteration_label(k),
+                 *[_pct(our_value(r, benchmark, c.key)) + _dagger(r, benchmark, c.key) for c in cols],
                  f"`{r.res.scorer}`", str(r.res.images_per_prompt), prompts_cell(r), recipe_cell(r)]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return lines
@@ -268,6 +279,9 @@ def benchmark_section(benchmark: str, results: Mapping[int, EvalResult], out_dir
         lines += comparison_table(benchmark, results, table)
         if table is not None and table.note:
             lines += ["", f"Note ({table.source.removeprefix(paper.PAPER + ' ')}): {table.note}"]
+    if any(r.res.deviating_categories for r in results.values()):
+        lines += ["", "† judged by a substitute for the benchmark's recommended model (see the recipe column); not "
+                  "comparable with the paper's numbers as they stand."]
     if benchmark in paper.GROUPS:
         groups = "; ".join(f"{g} = mean({', '.join(c)})" for g, c in paper.GROUPS[benchmark].items() if len(c) > 1)
         lines += ["", f"Our group columns are computed as the paper does: {groups}."]

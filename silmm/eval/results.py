@@ -62,6 +62,8 @@ class BenchmarkResults:
     tables: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     benchmark_prompts: int | None = None
+    scorer_identity: dict[str, Any] = field(default_factory=dict)  # its version, judges' checkpoints and hashes
+    deviating_categories: list[str] = field(default_factory=list)  # judged by a substitute for the official judge
     export: str = EXPORT_DIR + "/"
     finished: str = ""
 

@@ -8,6 +8,7 @@ generic code never imports the toy world or a particular model family):
     self     silmm/eval/scorers/self_vqa.py   the iteration's LMM (or the base model, feedback.judge=base)
                                               answers the benchmark's own questions, or its decomposition
     oracle   silmm/toy/oracle_scorer.py       the toy world's exact oracle (the toy benchmark only)
+    expert   silmm/eval/scorers/expert.py     the benchmarks' recommended expert models from transformers
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from silmm.eval.records import BenchmarkError, BenchmarkPrompt, ImageAnswers
 SCORERS: dict[str, str] = {
     "self": "silmm.eval.scorers.self_vqa:SelfVQA",
     "oracle": "silmm.toy.oracle_scorer:OracleScorer",
+    "expert": "silmm.eval.scorers.expert:ExpertScorer",
 }
 
 

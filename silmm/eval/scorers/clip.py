@@ -29,36 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from silmm.backends.base import CheckpointError
+from silmm.eval.scorers.loading import load_pretrained
 
 CLASSIFY_SCALE = 100.0  # clip_benchmark's run_classification: logits = 100 * image_features @ classifier
-
-
-def default_device_dtype(device: str | torch.device | None,
-                         dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
-    """``resolve_device`` semantics: CUDA when present, bf16 on CUDA and fp32 on CPU unless given."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, dtype
-
-
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # released / transformers>=5 names
-
-
-def check_checkpoint(path: str | Path, what: str, files: Sequence[str] = ("config.json",),
-                     any_of: Sequence[str] = PROCESSOR_FILES) -> Path:
-    """The directory exists, holds every one of ``files`` and one of ``any_of``; else CheckpointError naming
-    the path and what is missing."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{what} checkpoint {path}: no such directory")
-    missing = [f for f in files if not (path / f).is_file()]
-    if any_of and not any((path / f).is_file() for f in any_of):
-        missing.append(" or ".join(any_of))
-    if missing:
-        raise CheckpointError(f"{what} checkpoint {path}: missing {', '.join(missing)}")
-    return path
 
 
 def _features(out) -> torch.Tensor:
@@ -87,14 +60,7 @@ class ClipJudge:
              dtype: torch.dtype | None = None) -> ClipJudge:
         from transformers import CLIPModel, CLIPProcessor
 
-        path = check_checkpoint(path, "CLIP")
-        dev, dt = default_device_dtype(device, dtype)
-        try:
-            model = CLIPModel.from_pretrained(str(path), dtype=dt)
-            processor = CLIPProcessor.from_pretrained(str(path))
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"CLIP checkpoint {path}: cannot load ({e})") from e
-        return cls(model.to(dev).eval(), processor, dev, dt, path)
+        return cls(*load_pretrained(CLIPModel, CLIPProcessor, path, "CLIP", device, dtype))
 
     # embeddings -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -227,5 +193,4 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0, image_size: int = 32) ->
     return out
 
 
-__all__ = ["CLASSIFY_SCALE", "ClipJudge", "build_clip_tokenizer", "build_tiny_clip", "check_checkpoint",
-           "default_device_dtype", "load"]
+__all__ = ["CLASSIFY_SCALE", "ClipJudge", "build_clip_tokenizer", "build_tiny_clip", "load"]

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from silmm.backends.base import CheckpointError
-from silmm.eval.scorers.detector import PROCESSOR_FILES, device_dtype, require_checkpoint
+from silmm.eval.scorers.loading import load_pretrained
 
 
 def normalize_depth(depth: torch.Tensor) -> torch.Tensor:
@@ -49,14 +48,7 @@ class DepthJudge:
              dtype: torch.dtype | None = None) -> DepthJudge:
         from transformers import DPTForDepthEstimation, DPTImageProcessor
 
-        path = require_checkpoint(path, "DPT", ("config.json", PROCESSOR_FILES))
-        dev, dt = device_dtype(device, dtype)
-        try:
-            model = DPTForDepthEstimation.from_pretrained(str(path), dtype=dt)
-            image_processor = DPTImageProcessor.from_pretrained(str(path))
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"DPT checkpoint {path}: cannot load ({e})") from e
-        return cls(model.to(dev).eval(), image_processor, dev, dt, path)
+        return cls(*load_pretrained(DPTForDepthEstimation, DPTImageProcessor, path, "DPT", device, dtype))
 
     @torch.no_grad()
     def depth(self, images: Sequence[np.ndarray], batch_size: int = 8, normalize: bool = True) -> list[np.ndarray]:

@@ -28,38 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from silmm.backends.base import CheckpointError
+from silmm.eval.scorers.loading import load_pretrained
 from silmm.eval.scorers.vision import Detection
 
 UNIDET_THRESHOLD = 0.5  # T2I-CompBench's UniDet confidence threshold
 UNIDET_NMS_IOU = 0.5  # detectron2's ROI_HEADS.NMS_THRESH_TEST default
-
-
-def device_dtype(device: str | torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
-    """``resolve_device`` semantics: CUDA when present, bf16 on CUDA and fp32 on CPU unless given."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, dtype
-
-
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # older / newer transformers
-
-
-def require_checkpoint(path: str | Path, what: str, files: Sequence[str | tuple[str, ...]]) -> Path:
-    """The directory exists and holds ``files`` (a tuple entry: any one of them); else CheckpointError naming
-    the path and what is missing."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{what} checkpoint {path}: no such directory")
-    missing = []
-    for f in files:
-        options = (f,) if isinstance(f, str) else f
-        if not any((path / o).is_file() for o in options):
-            missing.append(" or ".join(options))
-    if missing:
-        raise CheckpointError(f"{what} checkpoint {path}: missing {', '.join(missing)}")
-    return path
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -103,14 +76,7 @@ class Detector:
              dtype: torch.dtype | None = None) -> Detector:
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-        path = require_checkpoint(path, "OWLv2", ("config.json", PROCESSOR_FILES))
-        dev, dt = device_dtype(device, dtype)
-        try:
-            model = Owlv2ForObjectDetection.from_pretrained(str(path), dtype=dt)
-            processor = Owlv2Processor.from_pretrained(str(path))
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"OWLv2 checkpoint {path}: cannot load ({e})") from e
-        return cls(model.to(dev).eval(), processor, dev, dt, path)
+        return cls(*load_pretrained(Owlv2ForObjectDetection, Owlv2Processor, path, "OWLv2", device, dtype))
 
     def _queries(self, labels: Sequence[str], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [n, L] of the labels, padded with blank queries to n."""

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from silmm.backends.base import CheckpointError
-from silmm.eval.scorers.clip import check_checkpoint, default_device_dtype
+from silmm.eval.scorers.loading import load_pretrained
 from silmm.eval.scorers.vision import Detection
 
 MAX_PER_IMAGE = 100  # mmdet Mask2Former test_cfg.max_per_image
@@ -90,14 +89,9 @@ class Segmenter:
              size: dict | None = None) -> Segmenter:
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
-        path = check_checkpoint(path, "Mask2Former")
-        dev, dt = default_device_dtype(device, dtype)
-        try:
-            model = Mask2FormerForUniversalSegmentation.from_pretrained(str(path), dtype=dt)
-            processor = AutoImageProcessor.from_pretrained(str(path))
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"Mask2Former checkpoint {path}: cannot load ({e})") from e
-        return cls(model.to(dev).eval(), processor, dev, dt, path, size)
+        loaded = load_pretrained(Mask2FormerForUniversalSegmentation, AutoImageProcessor, path, "Mask2Former",
+                                 device, dtype)
+        return cls(*loaded, size)
 
     @torch.no_grad()
     def instances(self, images: Sequence[np.ndarray], threshold: float = 0.0,

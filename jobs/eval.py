@@ -13,7 +13,8 @@ context (an overlong one is an error naming its benchmark id, unless overlong=tr
 (as many prompts as fill one batch of images), draw and decode the images with seeds fixed per (run seed,
 benchmark, benchmark id, image index) -- the same for every iteration -- score them, and add the rows to the
 resumable writer. A killed task resumes after the last flushed group and writes what an uninterrupted one
-writes. When every shard is done, jobs/eval_results.py aggregates and exports.
+writes. A finished shard of the same images under another scorer is re-scored from its stored images, not
+drawn again. When every shard is done, jobs/eval_results.py aggregates and exports.
 Run directly: python -m jobs.eval --run RUN --iteration K --benchmark NAME --shard I
 """
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from silmm.eval import stage as E
 from silmm.eval.scorers import ScorerContext, get_scorer
-from silmm.images import to_png
+from silmm.images import from_png, to_png
 from silmm.models import load_backend
 from silmm.rundir import RunDir
 from silmm.tasks import open_writer, progress
@@ -38,8 +39,9 @@ def run(run: RunDir, iteration: int, shard: int, benchmark: str) -> dict[str, An
     cfg = run.config
     plan = E.plan(run, iteration, benchmark)
     items = plan.shard_items(shard)
-    eval_hash = plan.eval_hash()
+    eval_hash, images_hash = plan.eval_hash(), plan.images_hash()
     path = plan.shard_path(shard)
+    stored = E.reusable_images(plan, shard, images_hash)  # same images, other scorer: score them again only
     E.reset_stale_progress(path.with_name(path.name + ".progress"), eval_hash)
     writer = open_writer(run, iteration, "eval", shard, plan.shard_count, path=path, flush_every=plan.flush_every())
     g = plan.group_size()
@@ -60,7 +62,9 @@ def run(run: RunDir, iteration: int, shard: int, benchmark: str) -> dict[str, An
             jobs = [(k, p, j) for k, p in group for j in range(n)]
             seeds = [plan.seeds(p, j) for _, p, j in jobs]
             images = []
-            for b in range(0, len(jobs), cfg.eval.batch_size):
+            if all(p.id in stored for _, p in group):
+                images = [from_png(png) for _, p in group for png in stored[p.id]]
+            for b in range(0, len(jobs) if not images else 0, cfg.eval.batch_size):
                 batch = slice(b, b + cfg.eval.batch_size)
                 z = backend.sample([model_text[k] for k, _, _ in jobs[batch]], [s for s, _ in seeds[batch]])
                 images.extend(backend.decode(z, [d for _, d in seeds[batch]]))
@@ -71,7 +75,8 @@ def run(run: RunDir, iteration: int, shard: int, benchmark: str) -> dict[str, An
             with E.signals_deferred():  # a preemption flush lands between groups
                 for (k, _), record in zip(group, records, strict=True):
                     writer.add(k, record)
-    writer.meta.extra.update(plan.settings_record(), eval_hash=eval_hash, model=str(plan.model_dir()))
+    writer.meta.extra.update(plan.settings_record(), eval_hash=eval_hash, images_hash=images_hash,
+                             model=str(plan.model_dir()))
     path = writer.finish()
     log.info("wrote %d prompts x %d images of %s to %s", len(items), n, benchmark, path)
     return {"benchmark": benchmark, "prompts": len(items), "computed": sum(map(len, todo)),

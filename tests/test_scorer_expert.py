@@ -171,3 +171,26 @@ def test_tifa_multiple_choice_by_the_vqa_likelihood(tiny_checkpoints, tmp_path, 
     identity = scorer.identity_of(run)
     assert identity["multiple_choice"] == "the VQA model's likelihood of each choice"
     assert identity["checkpoints"]["vqa"]["path"] == str(judges["vqa"]) and len(identity["checkpoints"]["vqa"]["hash"]) == 16
+
+
+def test_changing_only_the_scorer_rescores_the_stored_images(tiny_checkpoints, tmp_path, judges, monkeypatch):
+    from silmm.backends.janus import JanusBackend
+
+    write_dpg(tmp_path / "dpg")
+    run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus", "executor.kind=debug", "eval.batch_size=4",
+                   f"eval.benchmarks.dpg_bench.path={tmp_path / 'dpg'}", "eval.benchmarks.dpg_bench.images_per_prompt=2")
+    run_eval_driver(run, [0], ["dpg_bench"])
+    before = _stored(run, "dpg_bench")
+    run._accept(C.load(run.path / "config.yaml", ["eval.benchmarks.dpg_bench.scorer=expert", *experts(judges)]))
+
+    def no_sampling(*_args, **_kw):
+        raise AssertionError("the images were drawn again")
+
+    monkeypatch.setattr(JanusBackend, "sample", no_sampling)
+    run_eval_driver(run, [0], ["dpg_bench"])
+    after = _stored(run, "dpg_bench")
+    assert [p.id for p in after[0]] == [p.id for p in before[0]]
+    for a, b in zip(after[1], before[1], strict=True):
+        assert np.array_equal(a, b)  # the same images, re-scored
+    assert read_results(results_path(run.path, "dpg_bench", 0)).scorer == "expert"
+    assert all(not np.isnan(x.p_yes).all() for answers in after[2] for x in answers)

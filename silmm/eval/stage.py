@@ -233,6 +233,16 @@ class EvalPlan:
                 "prompts_per_shard": self.prompts_per_shard, "batch_size": self.run.config.eval.batch_size,
                 "flush_every": self.flush_every()}
 
+    def images_hash(self) -> str:
+        """What the images depend on: the eval hash without the scorer. A shard whose images hash matches
+        is re-scored from its stored images instead of drawing them again (changing only the scorer costs
+        no generation)."""
+        settings = {k: v for k, v in self.settings_record().items() if k != "scorer"}
+        record = {**settings, "prompts": prompts_hash(self.prompts),
+                  "selected": hashlib.sha256(json.dumps(self.selected).encode()).hexdigest()[:16],
+                  "config_hash": self.run.config_hash, "generator": model_fingerprint(self.model_dir())}
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
     def eval_hash(self) -> str:
         scorer = self.scorer_class()
         models = {"generator": model_fingerprint(self.model_dir())}
@@ -279,6 +289,25 @@ def shard_is_current(plan_: EvalPlan, shard: int, eval_hash: str) -> bool:
     except ShardError:
         return False
     return s.meta.extra.get("eval_hash") == eval_hash and s.meta.shard_count == plan_.shard_count
+
+
+def reusable_images(plan_: EvalPlan, shard: int, images_hash: str) -> dict[str, list[bytes]]:
+    """prompt id -> its stored PNG images, from a finished shard of this (iteration, benchmark, shard) whose
+    images came from the same model, prompts, seeds and settings (another scorer, say); {} otherwise."""
+    from silmm.store import ShardError, StoreOptions, read_shard
+
+    path = plan_.shard_path(shard)
+    if not path.is_file():
+        return {}
+    try:
+        data = read_shard(path, stage="eval", config_hash=plan_.run.config_hash, iteration=plan_.iteration,
+                          options=StoreOptions.from_config(plan_.run.config.store))
+    except ShardError:
+        return {}
+    if data.meta.extra.get("images_hash") != images_hash:
+        return {}
+    pngs = data["image_png"]
+    return {sp.prompt.id: [bytes(pngs[r]) for r in sp.image_rows] for sp in read_prompts(data)}
 
 
 def reset_stale_progress(progress_dir: Path, eval_hash: str) -> None:

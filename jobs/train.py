@@ -140,12 +140,13 @@ def run(run: RunDir, iteration: int, shard: int = 0, reference: str = "auto") ->
                 log_now = done % t.log_every == 0 or done == t.max_steps or stop_now
                 save_now = done % t.checkpoint_every == 0 or done == t.max_steps or stop_now
                 values: dict[str, float] = {}
-                if log_now or save_now:
+                if log_now:
                     values = sums.reduce(device)  # means since the last logging step
                     last_loss = values["loss"]
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                if log_now or save_now:
                     grad_norm = T.grad_norm(engine, done, checkpoints)  # before a checkpoint: never save NaNs
                     values |= {} if grad_norm is None else {"grad_norm": grad_norm}
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
                 if len(heldout) and (done % t.eval_every == 0 or done == t.max_steps):
                     values |= T.heldout_metrics(engine, pairs, heldout, micro, dist.rank, dist.world_size, t, loss,
                                                 ref_source, backend.device)

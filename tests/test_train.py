@@ -522,3 +522,14 @@ def test_ipo_mean_normalisation_and_heldout_metrics_in_a_run(tiny_checkpoints, j
     batch = T.PairBatch(rows=np.zeros(1), prompts=["p"], chosen_tokens=torch.zeros(1, n_tokens, dtype=torch.long))
     out = T.pair_loss(t, Loss.ipo, batch, T.PolicyOut(pc, pr), (rc, rr))
     assert out.loss.item() == pytest.approx(((1.0 - (-1.0)) / n_tokens - 1 / (2 * 0.5)) ** 2)
+
+
+def test_logged_metrics_are_means_since_the_previous_line(janus_run, tiny_checkpoints, janus_pairs, tmp_path):
+    run, _ = janus_run  # log_every=1: one line per step
+    every2 = make_run(tmp_path, tiny_checkpoints("janus"), "janus", janus_pairs, "train.log_every=2")
+    J.run(every2, 1)
+    per_step = metrics(run)
+    assert [m["step"] for m in metrics(every2)] == [2, 4]
+    for line, (a, b) in zip(metrics(every2), zip(per_step[::2], per_step[1::2], strict=True), strict=True):
+        for key in ("loss", "rewards/margins", "entropy/image_tokens", "kl/reference"):
+            assert line[key] == pytest.approx((a[key] + b[key]) / 2, rel=1e-6, abs=1e-9)

@@ -30,9 +30,10 @@ class Backend(str, Enum):
     janus = "janus"  # discrete visual tokens (Janus / Janus-Pro)
     dream = "dream"  # continuous features, DreamLLM-style (LLaVA + dream queries + diffusion decoder)
     fusion = "fusion"  # discrete, early fusion: one causal LM over words and VQ image codes (Chameleon/Emu3 form)
+    emu3 = "emu3"  # discrete: Emu3 (Emu3ForConditionalGeneration), constrained decoding of its image-token grid
 
 
-DISCRETE_BACKENDS = {Backend.janus, Backend.fusion}
+DISCRETE_BACKENDS = {Backend.janus, Backend.fusion, Backend.emu3}
 
 
 class Dtype(str, Enum):
@@ -196,6 +197,9 @@ class SamplingConfig:
     top_p: float = 0.95
     top_k: int = 0  # 0 = off
     guidance_scale: float = 5.0  # classifier-free guidance; Janus needs > 1
+    # emu3: the image grid in tokens (8 pixels each), written into the prompt; 0 = Emu3's default 90 x 90
+    image_height: int = 0
+    image_width: int = 0
     # continuous
     diversity: Diversity = Diversity.dropdiv
     dropdiv_rate: float = 0.1
@@ -586,6 +590,11 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
         fail("sampling.top_k", f"must be >= 0 (0 = off), got {s.top_k}")
     if cfg.model.backend is Backend.janus and s.guidance_scale <= 1.0:
         fail("sampling.guidance_scale", f"Janus image generation needs > 1, got {s.guidance_scale}")
+    if s.image_height < 0 or s.image_width < 0 or (s.image_height == 0) != (s.image_width == 0):
+        fail("sampling.image_height", f"image_height and image_width are both > 0 (tokens) or both 0 (the model's "
+             f"default), got {s.image_height} x {s.image_width}")
+    if s.image_height and cfg.model.backend is not Backend.emu3:
+        fail("sampling.image_height", f"sets the Emu3 image grid; backend '{cfg.model.backend.value}' fixes its own")
     if not 0 <= s.dropdiv_rate < 1:
         fail("sampling.dropdiv_rate", f"must be in [0, 1), got {s.dropdiv_rate}")
     positive("sampling.dropdiv_layers", s.dropdiv_layers)

@@ -26,6 +26,7 @@ BACKENDS: dict[Backend, tuple[str, str, str, str]] = {
     Backend.janus: ("silmm.backends.janus", "JanusBackend", "build_tiny_janus", "."),
     Backend.dream: ("silmm.backends.dream", "DreamBackend", "build_tiny_dream", "lmm"),
     Backend.fusion: ("silmm.backends.fusion", "FusionBackend", "build_tiny_fusion", "."),
+    Backend.emu3: ("silmm.backends.emu3", "Emu3Backend", "build_tiny_emu3", "."),
 }
 
 

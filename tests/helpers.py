@@ -11,6 +11,8 @@ TINY_OVERRIDES = {
     "janus": ["sampling.samples_per_prompt=3", "sampling.batch_size=3"],
     "dream": ["sampling.samples_per_prompt=4", "sampling.batch_size=4", "sampling.decoder_steps=2",
               "sampling.dropdiv_layers=1", "pairs.top_k=2"],
+    "emu3": ["sampling.samples_per_prompt=3", "sampling.batch_size=3", "sampling.image_height=4",
+             "sampling.image_width=4", "sampling.guidance_scale=3.0"],
 }
 
 

@@ -103,6 +103,12 @@ def init(device: torch.device) -> DistEnv:
         if device.type == "cuda":  # before NCCL starts, and before the model lands on "cuda"
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
+    else:
+        # a group this process joined earlier, whose variables may have gone since (submitit's debug executor
+        # restores the environment after each in-process job); DeepSpeed reads them again on every engine
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     return DistEnv(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size())
 
 

@@ -533,3 +533,13 @@ def test_logged_metrics_are_means_since_the_previous_line(janus_run, tiny_checkp
     for line, (a, b) in zip(metrics(every2), zip(per_step[::2], per_step[1::2], strict=True), strict=True):
         for key in ("loss", "rewards/margins", "entropy/image_tokens", "kl/reference"):
             assert line[key] == pytest.approx((a[key] + b[key]) / 2, rel=1e-6, abs=1e-9)
+
+
+def test_a_joined_group_gets_its_variables_back(janus_run, monkeypatch):
+    # submitit's debug executor restores the environment after an in-process job: the group stays, its
+    # variables go, and DeepSpeed's next engine asserts LOCAL_RANK
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    env = D.init(torch.device("cpu"))
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
+    assert (env.rank, env.world_size) == (0, 1)

@@ -30,8 +30,15 @@ def peak_gib() -> float:
 def build(out: Path, layers: int) -> None:
     """A random checkpoint with Emu3-Gen's text widths (hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocabulary
     184,622 with 32,768 visual tokens) and the VQ model's default (released) widths, saved in bf16."""
-    from transformers import (Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor,
-                              Emu3TextConfig, Emu3VQVAEConfig, GenerationConfig)
+    from transformers import (
+        Emu3Config,
+        Emu3ForConditionalGeneration,
+        Emu3ImageProcessor,
+        Emu3Processor,
+        Emu3TextConfig,
+        Emu3VQVAEConfig,
+        GenerationConfig,
+    )
 
     from silmm.backends.common import build_tiny_tokenizer
     from silmm.backends.emu3 import EMU3_CHAT_TEMPLATE, EMU3_SPECIAL_TOKENS, EOL_TOKEN, VISUAL_TOKEN

@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from silmm.config import Judge
 from silmm.fsutil import atomic_write_text
-from silmm.models import load_backend, load_judge
+from silmm.models import load_backend, load_judge, separate_judge
 from silmm.questions import load_examples
 from silmm.rundir import RunDir
 from silmm.toy import evaluate as E
@@ -35,7 +34,7 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     cfg, toy = run.config, run.config.toy
     prompts = world.eval_prompts(toy.eval_prompts, toy.held_out_fraction)
     backend = load_backend(run, iteration + 1)  # the model iteration K ends with is iteration K+1's start
-    judge = backend if cfg.feedback.judge is Judge.policy else load_judge(run, iteration + 1)  # who scores next
+    judge = load_judge(run, iteration + 1) if separate_judge(cfg) else backend  # who scores next
     log.info("evaluating iteration %d on %d held-out prompts x %d samples", iteration, len(prompts), toy.eval_samples)
 
     results, images = E.evaluate_prompts(backend, prompts, toy.eval_samples, cfg.run.seed, cfg.sampling.batch_size,

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from silmm import feedback as F
-from silmm.config import FeedbackMethod, ImageStorage, Judge
+from silmm.config import FeedbackMethod, ImageStorage
 from silmm.images import from_png, to_png
-from silmm.models import load_backend, load_judge
+from silmm.models import load_backend, load_judge, separate_judge
 from silmm.rundir import RunDir
 from silmm.seeding import derive_seed
 from silmm.tasks import open_writer, progress, read_input
@@ -49,7 +49,7 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     backend = load_judge(run, iteration) if todo and needs_model else None
     # a base judge cannot decode what this iteration's model sampled, unless the images are stored
     decoder = backend
-    if backend is not None and cfg.feedback.judge is Judge.base and not all(len(b) for b in samples["image_png"]):
+    if backend is not None and separate_judge(cfg) and not all(len(b) for b in samples["image_png"]):
         decoder = load_backend(run, iteration)
     for pid in progress(todo, len(todo), f"scores shard {shard}", cfg.logging.progress):
         rows, qs = rows_of[pid], q_of[pid]

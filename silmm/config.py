@@ -229,6 +229,10 @@ class FeedbackConfig:
     # Which model judges (questions + answers). `base` keeps iteration 0's judge: a small model whose
     # generation and understanding share every weight can lose its judging to the DPO updates (issue #7)
     judge: Judge = Judge.policy
+    # A separate checkpoint of the same backend that writes the questions and answers them in every iteration
+    # (Emu3 releases generation and understanding as two models: Emu3-Gen judged by Emu3-Chat). Not pure
+    # self-improvement: a deviation from the paper, part of the run's hash (the path, not the weights).
+    judge_path: str | None = None
 
 
 @dataclass
@@ -605,6 +609,8 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
     positive("questions.max_questions", cfg.questions.max_questions)
     positive("questions.max_new_tokens", cfg.questions.max_new_tokens)
     positive("feedback.batch_size", cfg.feedback.batch_size)
+    if cfg.feedback.judge_path is not None and check_paths and not Path(cfg.feedback.judge_path).is_dir():
+        fail("feedback.judge_path", f"checkpoint directory {cfg.feedback.judge_path} does not exist")
 
     pr = cfg.pairs
     positive("pairs.top_k", pr.top_k)

@@ -80,12 +80,13 @@ def model_path(run: RunDir, iteration: int) -> Path:
     return Path(run.config.model.path) if iteration == 1 else run.model_dir(iteration - 1)
 
 
-def load_backend(run: RunDir, iteration: int) -> LMMBackend:
-    """The iteration's starting model (policy start = reference) through its backend."""
+def load_backend(run: RunDir, iteration: int, path: str | Path | None = None) -> LMMBackend:
+    """The iteration's starting model (policy start = reference) through its backend; ``path``: another
+    checkpoint of the same backend (a separate judge)."""
     cfg = run.config
-    if iteration == 1:
+    if iteration == 1 and path is None:
         ensure_base_model(cfg)
-    model_cfg = dataclasses.replace(cfg.model, path=str(model_path(run, iteration)))
+    model_cfg = dataclasses.replace(cfg.model, path=str(path if path is not None else model_path(run, iteration)))
     module, cls_name, _, _ = BACKENDS[cfg.model.backend]
     cls = getattr(importlib.import_module(module), cls_name)
     kwargs = {"logprob_mode": cfg.train.logprob_mode} if cfg.discrete else {}
@@ -96,9 +97,23 @@ def load_backend(run: RunDir, iteration: int) -> LMMBackend:
     return backend
 
 
+def separate_judge(cfg: SilmmConfig) -> bool:
+    """Whether another model than the iteration's own judges it (feedback.judge=base or judge_path)."""
+    return cfg.feedback.judge_path is not None or cfg.feedback.judge is Judge.base
+
+
+def judge_path(run: RunDir, iteration: int) -> Path:
+    fb = run.config.feedback
+    if fb.judge_path is not None:
+        return Path(fb.judge_path)
+    return model_path(run, 1 if fb.judge is Judge.base else iteration)
+
+
 def load_judge(run: RunDir, iteration: int) -> LMMBackend:
-    """The model that writes questions and answers them in ``iteration``: its start model (the paper),
-    or the model at model.path when ``feedback.judge=base``."""
+    """The model that writes questions and answers them in ``iteration``: its start model (the paper), the
+    model at model.path when ``feedback.judge=base``, or ``feedback.judge_path`` when set."""
+    if run.config.feedback.judge_path is not None:
+        return load_backend(run, iteration, run.config.feedback.judge_path)
     return load_backend(run, 1 if run.config.feedback.judge is Judge.base else iteration)
 
 

@@ -65,6 +65,7 @@ def test_overrides_win_over_file_and_explicit_values_are_kept(tmp_path, ckpt):
         ("", "train.heldout_fraction=0.7", "train.heldout_fraction", "[0, 0.5)"),
         ("", "train.eval_every=0", "train.eval_every", "must be > 0"),
         ("", "train.prefetch=-1", "train.prefetch", "0 = off"),
+        ("", "feedback.judge_path=/does/not/exist", "feedback.judge_path", "does not exist"),
     ],
 )
 def test_errors_name_the_key_and_the_source(tmp_path, ckpt, yaml_extra, override, key, phrase):

@@ -267,13 +267,17 @@ def test_prompt_files_and_best_worst_images_through_the_stages(tiny_checkpoints,
             assert np.array_equal(from_png(scores["image_png"][r]), again[r - start])
 
 
-@pytest.mark.parametrize("judge", ["policy", "base"])
+@pytest.mark.parametrize("judge", ["policy", "base", "path"])
 def test_judge_base_keeps_iteration_zeros_questions_and_answers(tiny_checkpoints, tmp_path, judge):
-    # iteration 2 starts from a model that differs from model.path (here: another random init)
+    # iteration 2 starts from a model that differs from model.path (here: another random init); "path": a
+    # separate judge checkpoint (feedback.judge_path, e.g. Emu3-Chat beside Emu3-Gen), a third random init
     from silmm.models import build_tiny
     from silmm.trainer import DONE
 
-    run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus", f"feedback.judge={judge}", "run.iterations=2",
+    choice = f"feedback.judge={judge}"
+    if judge == "path":
+        choice = f"feedback.judge_path={build_tiny('janus', tmp_path / 'judge', seed=2)}"
+    run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus", choice, "run.iterations=2",
                    "sampling.store_images=none")
     build_tiny("janus", run.model_dir(1), seed=1)
     (run.model_dir(1) / DONE).write_text("{}")
@@ -282,7 +286,8 @@ def test_judge_base_keeps_iteration_zeros_questions_and_answers(tiny_checkpoints
     read2 = {stage: S.read_shard(run.shard_path(2, stage, 0), stage=stage, config_hash=run.config_hash)
              for stage in ("prompts", "questions", "samples", "scores")}
     base, policy = load_backend(run, 1), load_backend(run, 2)
-    expected = {"policy": policy, "base": base}[judge]
+    separate = load_backend(run, 2, tmp_path / "judge") if judge == "path" else None
+    expected = {"policy": policy, "base": base, "path": separate}[judge]
     # questions: the judge's greedy text (seeds unused at temperature 0)
     texts = list(read2["prompts"]["text"])
     first = stage_questions(expected, texts[0], run)
@@ -296,7 +301,7 @@ def test_judge_base_keeps_iteration_zeros_questions_and_answers(tiny_checkpoints
     answers = expected.yes_no(images, [first] * n)
     stored = read2["scores"]["p_yes"][:n * count].reshape(n, count)
     np.testing.assert_allclose(stored, np.stack([a[0] for a in answers]), rtol=1e-5, atol=1e-6)
-    other = {"policy": base, "base": policy}[judge].yes_no(images, [first] * n)
+    other = {"policy": base, "base": policy, "path": policy}[judge].yes_no(images, [first] * n)
     assert not np.allclose(stored, np.stack([a[0] for a in other]), rtol=1e-5, atol=1e-6)
 
 

@@ -80,11 +80,10 @@ class SelfVQA(Scorer):
     @property
     def judge(self):
         if self._judge is None:
-            from silmm.config import Judge
-            from silmm.models import load_judge
+            from silmm.models import load_judge, separate_judge
 
             run = self.ctx.run
-            if run.config.feedback.judge is Judge.policy and self.ctx.backend is not None:
+            if not separate_judge(run.config) and self.ctx.backend is not None:
                 self._judge = self.ctx.backend
             else:
                 self._judge = load_judge(run, self.ctx.iteration + 1)
@@ -99,10 +98,9 @@ class SelfVQA(Scorer):
 
     @classmethod
     def model_paths(cls, run: Any, iteration: int) -> dict[str, Path]:
-        from silmm.config import Judge
-        from silmm.models import model_path
+        from silmm.models import judge_path, separate_judge
 
-        return {"judge": model_path(run, 1)} if run.config.feedback.judge is Judge.base else {}
+        return {"judge": judge_path(run, iteration + 1)} if separate_judge(run.config) else {}
 
     @classmethod
     def deviations(cls, benchmark: str, prompts: Sequence[BenchmarkPrompt]) -> list[str]:

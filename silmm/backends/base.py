@@ -29,6 +29,33 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing or malformed; the message names the path and what is missing."""
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def check_transformers_checkpoint(path: Path, model_type: str, backend: str) -> None:
+    """Raise CheckpointError naming the path and the first missing piece of a transformers multimodal
+    checkpoint directory: config.json of ``model_type``, safetensors weights, a tokenizer and a processor."""
+    import json
+
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json (not a transformers checkpoint directory)")
+    try:
+        found = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"{config_file}: not a valid JSON object: {exc}") from exc
+    if found != model_type:
+        raise CheckpointError(f"{config_file}: model_type is {found!r}, the {backend} backend needs '{model_type}'")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise CheckpointError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)}; only safetensors are loaded)")
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise CheckpointError(f"{path}: no tokenizer (tokenizer.json / tokenizer_config.json)")
+    if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
+        raise CheckpointError(f"{path}: no processor (processor_config.json / preprocessor_config.json)")
+
+
 def resolve_device(model: ModelConfig) -> tuple[torch.device, torch.dtype]:
     """auto -> CUDA with bf16 when present, else CPU with fp32."""
     cuda = torch.cuda.is_available()

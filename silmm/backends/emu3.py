@@ -36,7 +36,6 @@ as separate checkpoints; this backend runs either for everything.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -55,7 +54,7 @@ from transformers import (
 from transformers.cache_utils import DynamicCache
 from transformers.models.emu3.image_processing_emu3 import Emu3ImageProcessor
 
-from silmm.backends.base import CheckpointError, LMMBackend
+from silmm.backends.base import CheckpointError, LMMBackend, check_transformers_checkpoint
 from silmm.backends.common import (
     ImageSamples,
     InPlaceLora,
@@ -98,7 +97,6 @@ EMU3_CHAT_TEMPLATE = (
     "{{ '<image>' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 DOWNSAMPLE = 8  # pixels per token side: Emu3Processor's fixed downsample_ratio
 
 
@@ -139,24 +137,7 @@ def build_tiny_emu3(out_dir: str | Path, seed: int = 0) -> Path:
 
 # ------------------------------------------------------------------------------------ loading checks
 def check_checkpoint(path: Path) -> None:
-    """Raise CheckpointError naming the path and the first missing piece of an Emu3 checkpoint."""
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory does not exist")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path}: no config.json (not a transformers checkpoint directory)")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise CheckpointError(f"{config_file}: not a valid JSON object: {exc}") from exc
-    if model_type != "emu3":
-        raise CheckpointError(f"{config_file}: model_type is {model_type!r}, the emu3 backend needs 'emu3'")
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise CheckpointError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)}; only safetensors are loaded)")
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        raise CheckpointError(f"{path}: no tokenizer (tokenizer.json / tokenizer_config.json)")
-    if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
-        raise CheckpointError(f"{path}: no processor (processor_config.json / preprocessor_config.json)")
+    check_transformers_checkpoint(path, "emu3", "emu3")
 
 
 def plan_groups(questions: Sequence[Sequence[str]], batch: int) -> Iterator[tuple[list[int], list[int]]]:

@@ -32,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from silmm.backends.base import CheckpointError, LMMBackend
+from silmm.backends.base import WEIGHT_FILES, CheckpointError, LMMBackend
 from silmm.backends.common import (
     ImageSamples,
     InPlaceLora,
@@ -53,7 +53,6 @@ from silmm.config import LogprobMode, ModelConfig, SamplingConfig
 
 FUSION_CONFIG = "fusion_config.json"
 CODEC_DIR = "image_codec"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 # ------------------------------------------------------------------------------------- image codec

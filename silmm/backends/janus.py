@@ -13,7 +13,6 @@ begin-of-image replaced by the pad token, and the mixed logits are ``uncond + sc
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
-from silmm.backends.base import CheckpointError, LMMBackend
+from silmm.backends.base import CheckpointError, LMMBackend, check_transformers_checkpoint
 from silmm.backends.common import (
     ImageSamples,
     InPlaceLora,
@@ -86,7 +85,6 @@ JANUS_SPECIAL_TOKENS = {
     "boi_token": "<begin_of_image>",
     "eoi_token": "<end_of_image>",
 }
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 # ------------------------------------------------------------------------------------ tiny checkpoint
@@ -141,24 +139,7 @@ def build_tiny_janus(out_dir: str | Path, seed: int = 0) -> Path:
 
 # ------------------------------------------------------------------------------------ loading checks
 def check_checkpoint(path: Path) -> None:
-    """Raise CheckpointError naming the path and the first missing piece of a Janus checkpoint."""
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory does not exist")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path}: no config.json (not a transformers checkpoint directory)")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise CheckpointError(f"{config_file}: not a valid JSON object: {exc}") from exc
-    if model_type != "janus":
-        raise CheckpointError(f"{config_file}: model_type is {model_type!r}, the janus backend needs 'janus'")
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise CheckpointError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)}; only safetensors are loaded)")
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        raise CheckpointError(f"{path}: no tokenizer (tokenizer.json / tokenizer_config.json)")
-    if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
-        raise CheckpointError(f"{path}: no processor (processor_config.json / preprocessor_config.json)")
+    check_transformers_checkpoint(path, "janus", "janus")
 
 
 # ------------------------------------------------------------------------------------------ backend

@@ -21,7 +21,6 @@ real layout (config, weights, CLIP-style BPE tokenizer, Owlv2ImageProcessor).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -140,44 +139,15 @@ class Detector:
 
 
 # ---------------------------------------------------------------------------------------------- tiny
-_CORPUS = ("a photo of a dog cat apple banana car tree person bird chair table cup bowl horse two three "
-           "one four five left right top bottom front behind next to near the of and on in by hidden")
-
-
-def build_clip_bpe_tokenizer(vocab_size: int = 400):
-    """A CLIP-style BPE tokenizer (byte-level alphabet, "</w>" word ends, <|startoftext|>/<|endoftext|>)
-    trained offline in milliseconds on a built-in corpus; every byte and byte+"</w>" is in the vocabulary,
-    so any text encodes."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
-
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>")
-    tok.train_from_iterator([_CORPUS] * 3, trainer=trainer)
-    model = json.loads(tok.to_str())["model"]
-    vocab: dict[str, int] = {}
-    for token in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab.setdefault(token, len(vocab))
-        vocab.setdefault(token + "</w>", len(vocab))
-    for token in sorted(model["vocab"], key=model["vocab"].get):
-        if token not in specials:
-            vocab.setdefault(token, len(vocab))
-    for token in specials:
-        vocab[token] = len(vocab)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return CLIPTokenizer(vocab=vocab, merges=merges)
-
-
 def build_tiny_owlv2(out_dir: str | Path, seed: int = 0, image_size: int = 64, patch_size: int = 16) -> Path:
     """A tiny random OWLv2 checkpoint in the real layout (config, weights, tokenizer, image processor),
     written offline; ``Detector.load(out_dir)`` reads it."""
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
+    from silmm.eval.scorers.clip import build_clip_tokenizer
+
     out = Path(out_dir)
-    tokenizer = build_clip_bpe_tokenizer()
+    tokenizer = build_clip_tokenizer()  # OWLv2's text tower is CLIP's, with CLIP's tokenizer
     config = Owlv2Config(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=16,
@@ -187,8 +157,9 @@ def build_tiny_owlv2(out_dir: str | Path, seed: int = 0, image_size: int = 64, p
                            image_size=image_size, patch_size=patch_size),
         projection_dim=32,
     )
-    torch.manual_seed(seed)
-    model = Owlv2ForObjectDetection(config).eval()
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's global RNG as it was
+        torch.manual_seed(seed)
+        model = Owlv2ForObjectDetection(config).eval()
     image_processor = Owlv2ImageProcessor(size={"height": image_size, "width": image_size})
     model.save_pretrained(str(out))
     Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(out))

@@ -31,7 +31,13 @@ def main(stage: str, argv: list[str] | None = None, benchmark: bool = False) -> 
                         stream=sys.stderr)
     signal.signal(signal.SIGUSR2, _preempted)  # slurm/sbatch/*.sh forward USR2 before the time limit
     signal.signal(signal.SIGTERM, _preempted)
-    run_task(StageTask(args.run, args.iteration, stage, shard, getattr(args, "benchmark", "")))
+    from silmm.store import ShardError
+
+    try:
+        run_task(StageTask(args.run, args.iteration, stage, shard, getattr(args, "benchmark", "")))
+    except ShardError as exc:  # a missing or damaged input: the message names the file, a traceback adds nothing
+        print(f"{stage}: shard error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

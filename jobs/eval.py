@@ -63,7 +63,8 @@ def run(run: RunDir, iteration: int, shard: int, benchmark: str) -> dict[str, An
             seeds = [plan.seeds(p, j) for _, p, j in jobs]
             images = []
             if all(p.id in stored for _, p in group):
-                images = [from_png(png) for _, p in group for png in stored[p.id]]
+                images = [from_png(png, f"{plan.shard_path(shard)}: prompt {p.id}") for _, p in group
+                          for png in stored[p.id]]
             for b in range(0, len(jobs) if not images else 0, cfg.eval.batch_size):
                 batch = slice(b, b + cfg.eval.batch_size)
                 z = backend.sample([model_text[k] for k, _, _ in jobs[batch]], [s for s, _ in seeds[batch]])

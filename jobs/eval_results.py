@@ -106,7 +106,8 @@ class _ShardImages:
         if self.loaded is None or self.loaded[0] != shard:
             data = read_shard(self.plan.shard_path(shard), stage="eval", options=self.options, columns=("image_png",))
             self.loaded = (shard, data["image_png"])
-        return np.stack([from_png(self.loaded[1][r]) for r in rows])
+        return np.stack([from_png(self.loaded[1][r], f"{self.plan.shard_path(self.loaded[0])}: image row {r}")
+                         for r in rows])
 
 
 if __name__ == "__main__":

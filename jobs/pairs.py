@@ -26,20 +26,23 @@ from silmm.fsutil import atomic_write_text
 from silmm.pairs import PairRule, select_pairs
 from silmm.prompts import first_occurrences
 from silmm.rundir import RunDir
-from silmm.store import ShardError, ShardMeta, StoreOptions, read_shard, write_shard
+from silmm.store import ShardError, ShardMeta, StoreOptions, write_shard
+from silmm.tasks import read_input
 
 log = logging.getLogger("jobs.pairs")
+# what pair selection reads of a samples shard (decoded images are verified, never loaded)
+SAMPLE_COLUMNS = ("prompt_id", "sample_index", "tokens", "ref_logprob", "features", "ref_prompt_id", "ref_features")
 
 
 def run(run: RunDir, iteration: int, shard: int = 0) -> dict[str, Any]:
     cfg = run.config
     opts = StoreOptions.from_config(cfg.store)
-    shards = _complete_shards(run, iteration, opts)
+    shards = _complete_shards(run, iteration)
     p = cfg.pairs
     rule = PairRule(p.top_k, p.bottom_k, tuple(p.rejected_ranks) if p.rejected_ranks else None, p.min_score_gap)
 
     # prompt texts of the whole iteration first: a duplicate text keeps its lowest id only
-    prompts = [read_shard(f, "prompts", run.config_hash, iteration, options=opts) for f, _, _ in shards]
+    prompts = [read_input(run, iteration, "prompts", i) for i in range(len(shards))]
     all_ids = np.concatenate([s["prompt_id"] for s in prompts])
     all_texts = [t for s in prompts for t in s["text"]]
     order = np.argsort(all_ids, kind="stable")
@@ -50,9 +53,9 @@ def run(run: RunDir, iteration: int, shard: int = 0) -> dict[str, Any]:
     ref_features: list[np.ndarray] = []
     counts: Counter = Counter()
     all_scores, chosen_scores, rejected_scores = [], [], []
-    for (_, samples_f, scores_f), pr in zip(shards, prompts, strict=True):
-        samples = read_shard(samples_f, "samples", run.config_hash, iteration, options=opts)
-        scores = read_shard(scores_f, "scores", run.config_hash, iteration, options=opts)
+    for i, ((_, _, scores_f), pr) in enumerate(zip(shards, prompts, strict=True)):
+        samples = read_input(run, iteration, "samples", i, columns=SAMPLE_COLUMNS)  # PNGs verified, not held
+        scores = read_input(run, iteration, "scores", i)
         text_of = dict(zip(pr["prompt_id"].tolist(), zip(pr["text"], pr["category"], strict=True), strict=True))
         discrete = "tokens" in samples
         sample_rows = _rows_by_prompt(samples["prompt_id"])
@@ -112,17 +115,18 @@ def run(run: RunDir, iteration: int, shard: int = 0) -> dict[str, Any]:
     return {"pairs": counts["pairs"], **{k: v for k, v in counts.items() if "/" not in k}}
 
 
-def _complete_shards(run: RunDir, iteration: int, opts: StoreOptions) -> list[tuple]:
-    """(prompts, samples, scores) shard paths; every one must exist and validate, else one clear error."""
-    first = read_shard(run.shard_path(iteration, "prompts", 0), "prompts", run.config_hash, iteration, options=opts,
-                       columns=())
-    n = first.meta.shard_count
+def _complete_shards(run: RunDir, iteration: int) -> list[tuple]:
+    """(prompts, samples, scores) shard paths; every one must exist and fit this run (structure; the
+    checksums are verified by the reads that follow), else one clear error listing every problem."""
+    n = run.num_shards(iteration)
+    if n is None:
+        read_input(run, iteration, "prompts", 0, columns=())  # says what is wrong with it
     problems, triples = [], []
     for i in range(n):
         paths = tuple(run.shard_path(iteration, st, i) for st in ("prompts", "samples", "scores"))
-        for stage, f in zip(("prompts", "samples", "scores"), paths, strict=True):
+        for stage in ("prompts", "samples", "scores"):
             try:
-                read_shard(f, stage, run.config_hash, iteration, options=opts, columns=())
+                read_input(run, iteration, stage, i, columns=(), verify_checksums=False)  # verified when read
             except ShardError as exc:
                 problems.append(str(exc))
         triples.append(paths)

@@ -92,7 +92,8 @@ def _questions_by_prompt(shard) -> dict[int, list[str]]:
 def _images(backend, samples, rows: list[int], run_seed: int) -> list[np.ndarray]:
     """Stored PNGs, or a fresh decode of the stored tokens/features with the samples stage's decode seeds."""
     if all(len(samples["image_png"][r]) for r in rows):
-        return [from_png(samples["image_png"][r]) for r in rows]
+        return [from_png(samples["image_png"][r], f"{samples.path}: prompt {int(samples['prompt_id'][r])} sample "
+                         f"{int(samples['sample_index'][r])}") for r in rows]
     values = samples["tokens"][rows] if "tokens" in samples else samples["features"][rows]
     seeds = [derive_seed(run_seed, samples.meta.iteration, int(samples["prompt_id"][r]),
                          int(samples["sample_index"][r]), "decode") for r in rows]

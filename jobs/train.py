@@ -8,7 +8,8 @@ Writes  iter_K/train/metrics.jsonl   one line every train.log_every steps, means
                                      logps/*_drift (discrete) or distance/policy_ref (continuous); every
                                      train.eval_every steps eval/loss and eval/rewards/* on held-out prompts
         iter_K/train/tensorboard/    the same scalars, when tensorboard is installed
-        iter_K/train/checkpoints/    the newest DeepSpeed checkpoint (every train.checkpoint_every steps)
+        iter_K/train/checkpoints/    the newest DeepSpeed checkpoint (every train.checkpoint_every steps) with
+                                     silmm_manifest.json (config hash, sha256 of every file)
         iter_K/train/adapter/        the trained LoRA adapter (and dream head), safetensors
         iter_K/model/                merged weights in the input's layout, then iter_K/model/DONE, last:
                                      the next iteration's policy AND reference, loaded by the same code.
@@ -93,7 +94,9 @@ def run(run: RunDir, iteration: int, shard: int = 0, reference: str = "auto") ->
     engine = T.build_engine(policy, t, micro)
 
     # 4. Resume from the newest checkpoint, if any; the data order and RNG follow from the step alone.
-    checkpoints = T.Checkpoints(train_dir / "checkpoints", dist.is_main)
+    #    Only this run's checkpoints load (its config hash and every file's sha256, checked before unpickling),
+    #    and DeepSpeed unpickles them weights-only (silmm.trainer.Checkpoints).
+    checkpoints = T.Checkpoints(train_dir / "checkpoints", dist.is_main, run.config_hash)
     layout = {"data_seed": order.seed, "num_pairs": len(pairs), "heldout_pairs": len(heldout),
               "batch_size": t.batch_size, "grad_accum": t.grad_accum, "world_size": dist.world_size,
               "zero_stage": t.zero_stage}

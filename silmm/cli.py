@@ -21,7 +21,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from silmm.driver import DriverError, run_driver, submit_detached
+    from silmm.driver import DriverError, driver_lock, run_driver, submit_detached
     from silmm.rundir import RunDir
 
     cfg = C.load(args.config, args.overrides, args.profile)  # every config error stops here, before any write
@@ -29,17 +29,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from silmm.models import check_toy_cache
 
         check_toy_cache(cfg)
-    run = RunDir.create_or_open(cfg)
-    print(f"run directory {run.path} (config {run.config_hash})", flush=True)
-    if args.detach:
-        job_id = submit_detached(run, args.config, args.overrides, args.profile)
-        print(f"driver submitted as Slurm job {job_id}; follow it with `silmm status {run.path}`")
-        return 0
+    planned = RunDir.prepare(cfg)  # an existing run: result-changing keys refused here, nothing rewritten
     try:
-        run_driver(run, break_lock=args.break_lock)
+        # the lock before config.yaml is written or rewritten: a driver refused by it changes nothing
+        with driver_lock(planned, args.break_lock):
+            run = RunDir.create_or_open(cfg)
+            print(f"run directory {run.path} (config {run.config_hash})", flush=True)
+            if not args.detach:
+                run_driver(run, lock_held=True)
     except DriverError as exc:
         print(f"silmm: {exc}", file=sys.stderr)
         return 1
+    if args.detach:  # after the lock is released: the driver job takes it over (break_lock) when it starts
+        job_id = submit_detached(run, args.config, args.overrides, args.profile)
+        print(f"driver submitted as Slurm job {job_id}; follow it with `silmm status {run.path}`")
+        return 0
     print(f"done: {run.config.run.iterations} iteration(s); model in {run.model_dir(run.config.run.iterations)}")
     return 0
 
@@ -73,12 +77,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from silmm.rundir import RunDir
 
     run = RunDir.open(args.run)
-    bad = verify_run(run)
-    if not bad:
-        print(f"{run.path}: all shards valid")
+    problems = verify_run(run)
+    if not problems:
+        print(f"{run.path}: all shards, pairs and models valid")
         return 0
-    print(f"{run.path}: {len(bad)} bad shard(s):")
-    for path, problem in bad:
+    print(f"{run.path}: {len(problems)} problem(s):")
+    for path, problem in problems:
         print(f"  {path}: {problem}")
     return 1
 
@@ -132,21 +136,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from silmm.driver import DriverError, run_eval_driver
+    from silmm.driver import DriverError, driver_lock, run_eval_driver
     from silmm.eval.records import BenchmarkError
     from silmm.eval.results import read_results, results_path
     from silmm.rundir import RunDir
+    from silmm.tasks import model_problem
 
     run = RunDir.open(args.run)
     source = str(run.path / "config.yaml")
+    new = None
     if args.overrides:  # eval.* keys only: they are outside the run's hash, so the run stays the same run
         other = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("eval.")]
         if other:
             raise C.ConfigError(f"silmm eval changes eval.* keys only; got {', '.join(other)}")
-        run._accept(C.load(source, args.overrides))  # validated, then written to the run's config.yaml
+        new = C.load(source, args.overrides, frozen=True)  # validated; written to config.yaml under the lock
+        run.check_reopen(new)
     else:
         C.validate(run.config, source)
-    cfg = run.config
+    cfg = new or run.config
     names = args.benchmarks.split(",") if args.benchmarks else list(cfg.eval.benchmarks)
     if not names:
         raise C.ConfigError(f"{source}: no benchmark configured; add eval.benchmarks.<name>.path=... (e.g. "
@@ -155,7 +162,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if missing:
         raise C.ConfigError(f"{source}: benchmark(s) {', '.join(missing)} not configured; configured: "
                             f"{', '.join(cfg.eval.benchmarks) or 'none'} (add eval.benchmarks.<name>.path=...)")
-    finished = [k for k in range(1, cfg.run.iterations + 1) if (run.model_dir(k) / "DONE").is_file()]
+    finished = [k for k in range(1, cfg.run.iterations + 1) if model_problem(run.model_dir(k)) is None]
     try:
         iterations = [int(x) for x in args.iterations.split(",")] if args.iterations else [0, *finished]
     except ValueError:
@@ -164,8 +171,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if unfinished:
         raise C.ConfigError(f"{run.path}: iteration(s) {unfinished} have no finished model; finished: "
                             f"{finished or 'none'} (0 = the base model)")
+
     try:
-        run_eval_driver(run, iterations, names, break_lock=args.break_lock)
+        with driver_lock(run, args.break_lock):  # before config.yaml is rewritten
+            if new is not None:
+                run._accept(new)
+            run_eval_driver(run, iterations, names, lock_held=True)
     except BenchmarkError as exc:  # the benchmark's files cannot be read as the benchmark defines them
         print(f"silmm: benchmark error: {exc}", file=sys.stderr)
         return 2

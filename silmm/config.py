@@ -9,9 +9,13 @@ written or submitted.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -339,8 +343,7 @@ class StoreConfig:
 
 @dataclass
 class LoggingConfig:
-    level: str = "INFO"
-    progress: bool = True
+    progress: bool = True  # progress bars in task logs (the log level is the CLI's --log-level)
 
 
 @dataclass
@@ -450,6 +453,27 @@ class SilmmConfig:
 # and are left out of the config hash. (run.iterations: a run can be extended by more iterations.)
 MUTABLE_PREFIXES = ("executor", "logging", "store.file_locking", "run.root", "run.name", "run.iterations", "eval")
 
+# Keys that nothing read, removed from the schema: a config that sets one is told so; a frozen config.yaml
+# of an older run still opens (they were all outside the config hash).
+REMOVED_KEYS = {"logging.level": "nothing read it; the log level is the command's --log-level option"}
+
+
+def _drop_removed(tree: DictConfig) -> DictConfig:
+    if not isinstance(tree, DictConfig):
+        return tree  # not a config at all: the merge says so
+    for key in REMOVED_KEYS:
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(tree, parent_key) if parent_key else tree
+        if isinstance(parent, DictConfig) and leaf in parent:
+            del parent[leaf]
+    return tree
+
+
+def _refuse_removed(keys, source: str) -> None:
+    for key in keys:
+        if key in REMOVED_KEYS:
+            raise ConfigError(f"{source}: key '{key}': was removed ({REMOVED_KEYS[key]}); delete it")
+
 
 # ------------------------------------------------------------------------------------------ loading
 def _wrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
@@ -459,11 +483,18 @@ def _wrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: key '{key}': {msg}")
 
 
+@functools.lru_cache(maxsize=1)
+def _schema() -> DictConfig:
+    """The schema as an omegaconf config, built once: building it is half the time of a load."""
+    return OmegaConf.structured(SilmmConfig)
+
+
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-         profiles: list[str] | tuple[str, ...] = ()) -> SilmmConfig:
+         profiles: list[str] | tuple[str, ...] = (), frozen: bool = False) -> SilmmConfig:
     """Schema <- YAML file <- profile files (e.g. a cluster's executor section) <- dotlist overrides,
-    then :func:`resolve` and :func:`validate`."""
-    cfg = OmegaConf.structured(SilmmConfig)
+    then :func:`resolve` and :func:`validate`. `frozen`: `path` is a run's own config.yaml, where keys
+    removed since the run was created are dropped (elsewhere they are refused)."""
+    cfg = _schema()  # never modified: every merge below returns a new config
     origins: dict[str, str] = {}  # key -> where its value came from, for error messages
     for source in ([path] if path is not None else []) + list(profiles):
         source = Path(source)
@@ -475,6 +506,9 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{source}: the top level must be a mapping of config groups")
+        if frozen and str(source) == str(path):
+            _drop_removed(loaded)
+        _refuse_removed(flatten(OmegaConf.to_container(loaded)), str(source))
         try:
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as exc:
@@ -483,6 +517,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command-line override '{item}': expected key=value")
+        _refuse_removed([item.split("=", 1)[0].strip()], f"command-line override '{item}'")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
@@ -501,7 +536,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 def from_yaml_text(text: str, source: str) -> SilmmConfig:
     """Load a frozen config (a run's config.yaml) without resolving or checking paths again."""
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(SilmmConfig), OmegaConf.create(text))
+        cfg = OmegaConf.merge(_schema(), _drop_removed(OmegaConf.create(text)))
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise _wrap(exc, source) from exc
@@ -541,17 +576,54 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
     """Checks that omegaconf's types cannot express. Raises ConfigError naming the key and its source."""
     origins = origins or {}
 
+    def where(key: str) -> str:
+        """The file or override that set `key`, one of its sub-keys, or the group holding it."""
+        if key in origins:
+            return origins[key]
+        below = next((v for k, v in origins.items() if k.startswith(key + ".")), None)
+        if below is not None:
+            return below
+        parts = key.split(".")
+        above = (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+        return next((origins[k] for k in above if k in origins), source)
+
     def fail(key: str, msg: str) -> None:
-        where = origins.get(key) or next((v for k, v in origins.items() if k.startswith(key + ".")), source)
-        raise ConfigError(f"{where}: key '{key}': {msg}")
+        raise ConfigError(f"{where(key)}: key '{key}': {msg}")
 
     def positive(key: str, value: float) -> None:
         if value <= 0:
             fail(key, f"must be > 0, got {value}")
 
-    positive("run.iterations", cfg.run.iterations)
-    if not cfg.run.name or "/" in cfg.run.name:
-        fail("run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
+    def at_least(key: str, value: float, low: float) -> None:
+        if value < low:
+            fail(key, f"must be >= {low}, got {value}")
+
+    def rate(key: str, value: float) -> None:  # dropout rates and probabilities
+        if not 0 <= value < 1:
+            fail(key, f"must be in [0, 1), got {value}")
+
+    # Generic: NaN or infinity anywhere (it passes every comparison below); every batch size > 0.
+    for key, value in _leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(key, f"must be a finite number, got {value}")
+        if key.rpartition(".")[2].endswith("batch_size") and value is not None:
+            positive(key, value)
+
+    r = cfg.run
+    positive("run.iterations", r.iterations)
+    if not 0 <= r.seed < 2**63:
+        fail("run.seed", f"must be in [0, 2^63), got {r.seed}")
+    if not _RUN_NAME.fullmatch(r.name) or ".." in r.name:
+        fail("run.name", f"must be a plain name of letters, digits and '_', '.', '-' (not starting with '.', at most "
+             f"128 characters): it names the run's directory and its Slurm jobs; got {r.name!r}")
+    if not r.root or _CONTROL.search(r.root) or "%" in r.root:
+        fail("run.root", f"must be a directory path without control characters or '%' (Slurm reads '%' in log "
+             f"paths as a pattern), got {r.root!r}")
+    if check_paths:
+        problem = _root_problem(Path(r.root), Path(r.root) / r.name)
+        if problem:
+            fail("run.root", problem)
+    _validate_executor(cfg, fail, positive)  # early: the train checks below read the stage resources
     if not cfg.model.path:
         fail("model.path", "is required: a checkpoint directory (make one with `silmm make-tiny`)")
     if check_paths and not (cfg.model.build_tiny_if_missing or cfg.toy.enabled) and not Path(cfg.model.path).is_dir():
@@ -559,7 +631,7 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
     p = cfg.prompts
     positive("prompts.count", p.count)
     positive("prompts.max_tokens", p.max_tokens)
-    positive("prompts.batch_size", p.batch_size)
+    positive("prompts.vocabulary_temperature", p.vocabulary_temperature)
     if not p.categories or any(w < 0 for w in p.categories.values()) or sum(p.categories.values()) <= 0:
         fail("prompts.categories", "needs at least one category with a positive weight, none negative")
     from silmm import prompts as P
@@ -584,7 +656,6 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
     s = cfg.sampling
     if s.samples_per_prompt < 2:
         fail("sampling.samples_per_prompt", f"needs at least 2 samples to form a pair, got {s.samples_per_prompt}")
-    positive("sampling.batch_size", s.batch_size)
     positive("sampling.temperature", s.temperature)
     if not 0 < s.top_p <= 1:
         fail("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
@@ -595,26 +666,37 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
     if cfg.model.backend is Backend.janus and s.guidance_scale <= 1.0:
         fail("sampling.guidance_scale", f"Janus image generation needs > 1, got {s.guidance_scale}")
     if s.image_height < 0 or s.image_width < 0 or (s.image_height == 0) != (s.image_width == 0):
-        fail("sampling.image_height", f"image_height and image_width are both > 0 (tokens) or both 0 (the model's "
-             f"default), got {s.image_height} x {s.image_width}")
+        given = "sampling.image_width" if s.image_width and not s.image_height < 0 else "sampling.image_height"
+        fail(given, f"image_height and image_width are both > 0 (tokens) or both 0 (the model's default), got "
+             f"{s.image_height} x {s.image_width}")
     if s.image_height and cfg.model.backend is not Backend.emu3:
         fail("sampling.image_height", f"sets the Emu3 image grid; backend '{cfg.model.backend.value}' fixes its own")
-    if not 0 <= s.dropdiv_rate < 1:
-        fail("sampling.dropdiv_rate", f"must be in [0, 1), got {s.dropdiv_rate}")
+    rate("sampling.dropdiv_rate", s.dropdiv_rate)
     positive("sampling.dropdiv_layers", s.dropdiv_layers)
     positive("sampling.decoder_steps", s.decoder_steps)
-    if s.query_noise_std < 0:
-        fail("sampling.query_noise_std", f"must be >= 0, got {s.query_noise_std}")
+    if s.decoder_guidance_scale < 1.0:
+        fail("sampling.decoder_guidance_scale", f"must be >= 1 (1 = no classifier-free guidance), got "
+             f"{s.decoder_guidance_scale}")
+    at_least("sampling.query_noise_std", s.query_noise_std, 0)
 
+    if check_paths:  # the in-context example files: read now, not by the first task that needs them
+        _check_icl_files(cfg, fail)
     positive("questions.max_questions", cfg.questions.max_questions)
     positive("questions.max_new_tokens", cfg.questions.max_new_tokens)
-    positive("feedback.batch_size", cfg.feedback.batch_size)
-    if cfg.feedback.judge_path is not None and check_paths and not Path(cfg.feedback.judge_path).is_dir():
-        fail("feedback.judge_path", f"checkpoint directory {cfg.feedback.judge_path} does not exist")
+    at_least("questions.temperature", cfg.questions.temperature, 0)  # 0 = greedy
+    fb = cfg.feedback
+    if fb.judge_path is not None and fb.judge is Judge.base:
+        fail("feedback.judge", "'base' would be ignored: feedback.judge_path is set, and that checkpoint judges "
+             "every iteration; set one of the two")
+    if fb.judge_path is not None and check_paths and not Path(fb.judge_path).is_dir():
+        fail("feedback.judge_path", f"checkpoint directory {fb.judge_path} does not exist")
 
     pr = cfg.pairs
-    positive("pairs.top_k", pr.top_k)
-    positive("pairs.bottom_k", pr.bottom_k)
+    for key, k in (("pairs.top_k", pr.top_k), ("pairs.bottom_k", pr.bottom_k)):
+        positive(key, k)
+        if k > s.samples_per_prompt:
+            fail(key, f"{k} is more than sampling.samples_per_prompt ({s.samples_per_prompt}): a prompt has only "
+                 f"that many samples to rank")
     if pr.rejected_ranks is not None:
         r = pr.rejected_ranks
         if len(r) != 2 or not 1 <= r[0] <= r[1] <= s.samples_per_prompt:
@@ -631,12 +713,24 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
              f"'{cfg.model.backend.value}'; use one of {sorted(x.value for x in allowed)}")
     positive("train.lr", t.lr)
     positive("train.max_steps", t.max_steps)
-    positive("train.batch_size", t.batch_size)
     positive("train.grad_accum", t.grad_accum)
+    world, how = train_world_size(cfg)
+    if t.batch_size % (t.grad_accum * world):
+        per_step = t.grad_accum * world
+        fail("train.batch_size", f"{t.batch_size} is not divisible by train.grad_accum ({t.grad_accum}) x the "
+             f"train job's world size ({world}: {how}) = {per_step}: every rank needs whole micro-batches of "
+             f"equal size; use a multiple of {per_step}, or change train.grad_accum / the train resources")
     positive("train.beta", t.beta)
     positive("train.gamma", t.gamma)
+    at_least("train.grad_clip", t.grad_clip, 0)  # 0 = no clipping
+    at_least("train.weight_decay", t.weight_decay, 0)
     positive("train.lora.r", t.lora.r)
     positive("train.lora.alpha", t.lora.alpha)
+    rate("train.lora.dropout", t.lora.dropout)
+    try:
+        re.compile(t.lora.target_regex)
+    except re.error as exc:
+        fail("train.lora.target_regex", f"not a regular expression: {exc}")
     if t.warmup_steps < 0 or t.warmup_steps > t.max_steps:
         fail("train.warmup_steps", f"must be in [0, train.max_steps={t.max_steps}], got {t.warmup_steps}")
     if t.loss in NOISY_LABEL_LOSSES:
@@ -659,20 +753,26 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
     if t.zero_stage not in (0, 1, 2, 3):
         fail("train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
 
-    toy = cfg.toy
-    if toy.enabled:
-        if cfg.model.backend is not Backend.fusion:
-            fail("model.backend", f"the toy world's LMM is an early-fusion model: use 'fusion', got '{cfg.model.backend.value}'")
-        if not 0 < toy.held_out_fraction < 1:
-            fail("toy.held_out_fraction", f"must be in (0, 1), got {toy.held_out_fraction}")
-        for key in ("eval_prompts", "eval_samples", "pretrain.steps", "pretrain.batch_size", "pretrain.lr",
-                    "pretrain.hidden", "pretrain.layers", "pretrain.heads", "pretrain.checkpoint_every"):
-            obj = toy
-            for part in key.split("."):
-                obj = getattr(obj, part)
-            positive(f"toy.{key}", obj)
-        if not 0 <= toy.pretrain.caption_noise < 1:
-            fail("toy.pretrain.caption_noise", f"must be in [0, 1), got {toy.pretrain.caption_noise}")
+    toy, tp = cfg.toy, cfg.toy.pretrain
+    if toy.enabled and cfg.model.backend is not Backend.fusion:
+        fail("model.backend", f"the toy world's LMM is an early-fusion model: use 'fusion', got '{cfg.model.backend.value}'")
+    if not 0 < toy.held_out_fraction < 1:
+        fail("toy.held_out_fraction", f"must be in (0, 1), got {toy.held_out_fraction}")
+    for key in ("eval_prompts", "eval_samples", "grid_prompts", "pretrain.steps", "pretrain.lr", "pretrain.hidden",
+                "pretrain.layers", "pretrain.heads", "pretrain.checkpoint_every"):
+        obj = toy
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        positive(f"toy.{key}", obj)
+    if tp.hidden % tp.heads:
+        fail("toy.pretrain.heads", f"must divide toy.pretrain.hidden ({tp.hidden}) into equal attention heads, "
+             f"got {tp.heads}")
+    at_least("toy.pretrain.warmup_steps", tp.warmup_steps, 0)  # may exceed steps: configs/toy_smoke.yaml's does
+    rate("toy.pretrain.caption_noise", tp.caption_noise)
+    rate("toy.pretrain.distractor_p", tp.distractor_p)
+    if not 0 <= tp.seed < 2**63:
+        fail("toy.pretrain.seed", f"must be in [0, 2^63), got {tp.seed}")
+    at_least("toy.pretrain.threads", tp.threads, 0)  # 0 = torch's default
     if p.source is PromptSource.toy:
         if not toy.enabled:
             fail("prompts.source", "'toy' prompts need toy.enabled=true")
@@ -680,23 +780,169 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
         if unknown:
             fail("prompts.categories", f"toy prompts have categories color, numeracy, spatial; got {unknown}")
 
-    e = cfg.executor
-    positive("executor.max_array_size", e.max_array_size)
-    positive("executor.local_parallelism", e.local_parallelism)
-    if e.retries < 0:
-        fail("executor.retries", f"must be >= 0, got {e.retries}")
-    for stage, override in e.stages.items():
-        if stage not in STAGES:
-            fail(f"executor.stages.{stage}", f"unknown stage; stages are {list(STAGES)}")
-        try:
-            OmegaConf.merge(OmegaConf.structured(StageResources), override or {})
-        except OmegaConfBaseException as exc:
-            fail(f"executor.stages.{stage}.{getattr(exc, 'full_key', '?')}", str(exc).split("\n")[0])
     _validate_eval(cfg, fail, positive, check_paths)
     positive("sharding.prompts_per_shard", cfg.sharding.prompts_per_shard)
     positive("sharding.flush_every", cfg.sharding.flush_every)
     if cfg.store.compression is Compression.gzip and not 0 <= cfg.store.compression_level <= 9:
         fail("store.compression_level", f"gzip levels are 0-9, got {cfg.store.compression_level}")
+
+
+# Strings that reach an sbatch line. submitit shell-quotes values (not option names), but a newline still
+# starts a new line of the script: only the characters Slurm itself accepts pass.
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # a directory and part of every job name
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_.,-]+")  # partition, account, qos (comma-separated lists allowed)
+_SLURM_CONSTRAINT = re.compile(r"[A-Za-z0-9_.:,&|\[\]*()!-]+")  # features with Slurm's operators &|[]*()!
+_SLURM_VALUE = re.compile(r"[A-Za-z0-9_.:,@/+=%\[\]-]+")  # additional_parameters values (gres, mail-user, ...)
+_SLURM_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # additional_parameters keys (sbatch long options)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# sbatch options that silmm or submitit set themselves: given again in additional_parameters they would
+# silently replace the stage's resources, or the log paths and array layout the driver reads.
+_OWNED_OPTIONS = {
+    "job-name": "silmm names the jobs", "time": "time_min", "nodes": "nodes", "ntasks-per-node": "tasks_per_node",
+    "cpus-per-task": "cpus_per_task", "mem": "mem_gb", "gpus-per-node": "gpus_per_node", "partition": "partition",
+    "account": "account", "qos": "qos", "constraint": "constraint", "signal": "executor.signal_delay_s",
+    "output": "submitit's log path", "error": "submitit's log path", "open-mode": "submitit's log files",
+    "array": "silmm's arrays over shards", "wrap": "submitit's job script",
+}
+MAX_TIME_MIN = 365 * 24 * 60
+DRIVER_TIME_CAP_MIN = 24 * 60  # the detached driver resubmits itself at least once a day (driver.submit_detached)
+
+
+def _leaves(value: Any, key: str = ""):
+    """(dotted key, value) of every leaf of a config tree: dataclass fields, dict entries, list items."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _leaves(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{key}.{i}")
+    else:
+        yield key, value
+
+
+def _check_icl_files(cfg: SilmmConfig, fail) -> None:
+    from silmm import prompts as P
+    from silmm import questions as Q
+
+    for key, path in (("prompts.icl_examples", cfg.prompts.icl_examples),
+                      ("questions.icl_examples", cfg.questions.icl_examples)):
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            fail(key, f"{path} is not a file")
+        try:
+            if key == "questions.icl_examples":
+                Q.load_examples(path)
+                continue
+            data = OmegaConf.to_container(OmegaConf.load(path))  # as jobs/prompts.py reads it
+        except Exception as exc:  # YAML errors come in several types
+            fail(key, f"{path}: {exc}")
+        missing = [c for c in P.ICL_CATEGORIES if not (isinstance(data, dict) and data.get(c))]
+        if missing:
+            fail(key, f"{path}: needs a list of examples for each of {missing}")
+
+
+def _root_problem(root: Path, run_path: Path) -> str | None:
+    """Why runs cannot live under `root` (None: they can). Nothing is created here."""
+    if run_path.exists() and not run_path.is_dir():
+        return f"{run_path} exists and is not a directory (change run.root or run.name)"
+    existing = next((p for p in (root, *root.absolute().parents) if p.exists()), None)
+    if existing is None:
+        return f"{root}: no existing parent directory"
+    if not existing.is_dir():
+        return f"{existing} is not a directory" + ("" if existing == root else f": {root} cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"directory {existing} is not writable" + ("" if existing == root else f": {root} cannot be created")
+    return None
+
+
+def train_world_size(cfg: SilmmConfig) -> tuple[int, str]:
+    """Ranks of the train job and how they follow from the config (jobs/train.py: batch = micro x accum x world)."""
+    kind = cfg.executor.kind
+    if kind is ExecutorKind.debug:
+        return 1, "executor.kind=debug trains in one process"
+    res = cfg.resources("train")
+    if kind is ExecutorKind.local:
+        return res.tasks_per_node, f"tasks_per_node={res.tasks_per_node} of the train stage, one node (executor.kind=local)"
+    return (res.nodes * res.tasks_per_node,
+            f"nodes={res.nodes} x tasks_per_node={res.tasks_per_node} of the train stage (executor.default / "
+            f"executor.stages.train)")
+
+
+def _validate_executor(cfg: SilmmConfig, fail, positive) -> None:
+    """`executor.*`: the stage names and override keys, then the resources of `default` and of every stage
+    as merged (what reaches sbatch or the local executor); an error names the key that set the value."""
+    e = cfg.executor
+    positive("executor.max_array_size", e.max_array_size)
+    positive("executor.local_parallelism", e.local_parallelism)
+    positive("executor.poll_interval_s", e.poll_interval_s)
+    if e.retries < 0:
+        fail("executor.retries", f"must be >= 0, got {e.retries}")
+    if e.signal_delay_s < 0:
+        fail("executor.signal_delay_s", f"must be >= 0, got {e.signal_delay_s}")
+    for stage, override in e.stages.items():
+        if stage not in STAGES:
+            fail(f"executor.stages.{stage}", f"unknown stage; stages are {list(STAGES)}")
+        if override is not None and not isinstance(override, dict):
+            fail(f"executor.stages.{stage}", f"must be a mapping of resource keys, got {override!r}")
+        try:
+            OmegaConf.merge(OmegaConf.structured(StageResources), override or {})
+        except OmegaConfBaseException as exc:
+            fail(f"executor.stages.{stage}.{getattr(exc, 'full_key', '?')}", str(exc).split("\n")[0])
+    for stage in ("default", *STAGES):  # every stage: the driver's time limit differs even without overrides
+        own = (e.stages.get(stage) or {}) if stage != "default" else {}
+        res = cfg.resources(stage) if own else e.default
+
+        def key(name: str, own=own, stage=stage) -> str:  # the key that set the merged value
+            return f"executor.stages.{stage}.{name}" if name in own else f"executor.default.{name}"
+
+        _validate_resources(res, key, own, e.signal_delay_s, stage, fail, positive)
+
+
+def _validate_resources(res: StageResources, key, own: dict, signal_delay_s: int, stage: str, fail, positive) -> None:
+    if not math.isfinite(res.mem_gb):  # a stage override given as text ("nan") becomes a float only here
+        fail(key("mem_gb"), f"must be a finite number, got {res.mem_gb}")
+    for name in ("cpus_per_task", "nodes", "tasks_per_node", "array_parallelism", "mem_gb"):
+        positive(key(name), getattr(res, name))
+    if res.gpus_per_node < 0:
+        fail(key("gpus_per_node"), f"must be >= 0, got {res.gpus_per_node}")
+    if res.mem_gb * 1024 < 1:
+        fail(key("mem_gb"), f"must be at least 1 MiB (1/1024), got {res.mem_gb}: sbatch --mem=0 means a whole node")
+    if not 0 < res.time_min <= MAX_TIME_MIN:
+        fail(key("time_min"), f"must be in (0, {MAX_TIME_MIN}] minutes (365 days), got {res.time_min}")
+    limit = min(res.time_min, DRIVER_TIME_CAP_MIN) if stage == "driver" else res.time_min
+    if signal_delay_s >= limit * 60:
+        fail("executor.signal_delay_s", f"{signal_delay_s} s must be shorter than the time limit of "
+             f"{'every stage' if stage == 'default' else 'stage ' + stage} ({limit} min = {limit * 60} s, "
+             f"{key('time_min')}): tasks get USR2 that long before the limit to checkpoint")
+    for name in ("partition", "account", "qos"):
+        value = getattr(res, name)
+        if value and not _SLURM_NAME.fullmatch(value):
+            fail(key(name), f"reaches sbatch: letters, digits and '_', '.', '-', ',' only, got {value!r}")
+    if res.constraint and not _SLURM_CONSTRAINT.fullmatch(res.constraint):
+        fail(key("constraint"), f"reaches sbatch: features (letters, digits, '_.:,-') and Slurm's operators "
+             f"'&|[]*()!' only, no whitespace, quotes or shell characters; got {res.constraint!r}")
+    for opt, value in res.additional_parameters.items():
+        group = f"executor.stages.{stage}" if opt in (own.get("additional_parameters") or {}) else "executor.default"
+        pkey = f"{group}.additional_parameters.{opt}"
+        if not _SLURM_OPTION.fullmatch(str(opt)):
+            fail(pkey, f"not an sbatch option name (letters, digits, '_', '-'), got {opt!r}")
+        owned = _OWNED_OPTIONS.get(str(opt).replace("_", "-"))
+        if owned:
+            fail(pkey, f"sbatch --{str(opt).replace('_', '-')} is set by silmm ({owned}); set that instead")
+        if value is True:  # a flag: #SBATCH --exclusive
+            continue
+        if isinstance(value, bool) or value is None:
+            fail(pkey, f"{value!r} would be written as '--{opt}={value}': give a value, true for a flag, or remove "
+                 f"the key")
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(pkey, f"must be a finite number, got {value}")
+        if not isinstance(value, (str, int, float)) or not _SLURM_VALUE.fullmatch(str(value)):
+            fail(pkey, f"reaches sbatch: letters, digits and '_.:,@/+=%[]-' only (no whitespace, quotes or shell "
+                 f"characters), got {value!r}")
 
 
 def _validate_eval(cfg: SilmmConfig, fail, positive, check_paths: bool) -> None:

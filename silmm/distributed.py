@@ -13,6 +13,14 @@ Launchers, in the order they are recognised (the first match wins):
 
 The backend is gloo on CPU and NCCL on CUDA. A process group, once initialised, is reused by later calls
 in the same process (tests train several tiny runs in one process).
+
+No C++ extension is built: on CPU, ``deepspeed.init_distributed`` would JIT-compile its shared-memory op
+(``deepspeed_shm_comm``) into ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions/py3X_cpu``, shared by
+every job of the user. torch guards that build with an empty ``<dir>/deepspeed_shm_comm/lock`` file and
+waits, without a time-out, until it is gone: a build killed midway made every later job hang. The op
+serves only DeepSpeed's ``inference_all_reduce`` (tensor-parallel inference); training all-reduces go
+through gloo/NCCL. :func:`init` marks it not compatible (``deepspeed.ops.__compatible_ops__``, the
+cached dict DeepSpeed itself reads), so nothing is built and no lock is waited on.
 """
 
 from __future__ import annotations
@@ -90,6 +98,20 @@ def launcher_env(env: dict[str, str] | None = None) -> dict[str, str]:
             "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}
 
 
+SHM_OP = "deepspeed_shm_comm"  # the op DeepSpeed's CPU communication backend would compile at init
+
+
+def skip_extension_builds() -> None:
+    """Make DeepSpeed's communication backend skip its JIT-built op (see the module docstring); call before
+    ``deepspeed.init_distributed``, which builds it when its accelerator has the op (CPU) marked compatible.
+    Other accelerators have no such op: nothing is touched (reading the dict would probe every op)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().create_op_builder("ShareMemCommBuilder") is not None:
+        deepspeed.ops.__compatible_ops__[SHM_OP] = False
+
+
 def init(device: torch.device) -> DistEnv:
     """Export the launcher's rank variables and initialise the process group (once per process)."""
     if device.type == "cpu":
@@ -98,6 +120,7 @@ def init(device: torch.device) -> DistEnv:
     import deepspeed
     import torch.distributed as dist
 
+    skip_extension_builds()
     if not dist.is_initialized():
         os.environ.update(launcher_env())
         if device.type == "cuda":  # before NCCL starts, and before the model lands on "cuda"

@@ -25,12 +25,13 @@ from typing import Any
 
 import submitit
 
-from silmm.config import ExecutorKind, PromptSource
+from silmm.config import DRIVER_TIME_CAP_MIN, ExecutorKind, PromptSource
 from silmm.executors import make_executor, parallelism, split_arrays
 from silmm.fsutil import atomic_write_text
 from silmm.models import ensure_base_model
 from silmm.rundir import SHARD_STAGES, RunDir
-from silmm.tasks import StageTask, is_done, log_path
+from silmm.store import ShardError
+from silmm.tasks import StageTask, log_path, model_problem, settle
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,10 @@ def _failure_text(t: Tracked) -> str:
     try:
         exc = t.job.exception()
         if exc is not None:
-            lines.append(str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc))
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+            if last.startswith(f"{ShardError.__module__}.{ShardError.__name__}: "):
+                return last.split(": ", 1)[1]  # names the file and what is wrong: the traceback adds nothing
+            lines.append(last)
     except Exception as exc:  # the job died without a result (killed, OOM, cancelled)
         lines.append(f"{type(exc).__name__}: {str(exc).strip()[:500]}")
     stderr = getattr(getattr(t.job, "paths", None), "stderr", None)
@@ -175,8 +179,13 @@ class Driver:
         ensure_base_model(self.cfg)  # once, before any task could race to build it
         self.evaluate(0)  # the base model, before any training
         for iteration in range(1, self.cfg.run.iterations + 1):
-            for stage in STAGE_ORDER:
-                self.run_stage(iteration, stage)
+            if self._finished(iteration):
+                # nothing reads a finished iteration's shards again: verifying them (hundreds of GB at paper
+                # scale) at every restart would cost the driver hours; `silmm verify` checks them
+                log.info("iter %d: finished earlier, its model %s verified", iteration, self.run.model_dir(iteration))
+            else:
+                for stage in STAGE_ORDER:
+                    self.run_stage(iteration, stage)
             self.evaluate(iteration)
             self._mark_done(iteration)
         if toy:
@@ -209,9 +218,9 @@ class Driver:
         the missing eval shards (an array), then its results step (aggregate, export, results.json)."""
         from silmm.eval import stage as E
 
-        if iteration > 0 and not (self.run.model_dir(iteration) / "DONE").is_file():
-            raise DriverError(f"iteration {iteration} has no finished model ({self.run.model_dir(iteration)}/DONE): "
-                              "train it first (silmm run)")
+        problem = model_problem(self.run.model_dir(iteration)) if iteration > 0 else None
+        if problem:
+            raise DriverError(f"iteration {iteration} has no finished model ({problem}): train it first (silmm run)")
         for name in benchmarks if benchmarks is not None else list(self.cfg.eval.benchmarks):
             shards = list(range(E.plan(self.run, iteration, name).shard_count))
             self._run_tasks(iteration, "eval", shards, benchmark=name)
@@ -220,7 +229,7 @@ class Driver:
     # submission, polling, retries ---------------------------------------------------------------
     def _run_tasks(self, iteration: int, stage: str, shards: list[int], benchmark: str = "") -> None:
         tracked = [Tracked(StageTask(str(self.run.path), iteration, stage, s, benchmark)) for s in shards]
-        todo = [t for t in tracked if not is_done(self.run, t.task)]
+        todo = [t for t in tracked if not settle(self.run, t.task)]  # a damaged output is moved aside
         for t in tracked:
             t.state = "missing" if t in todo else "done"
         stage_label = f"{stage} {benchmark}" if benchmark else stage
@@ -283,7 +292,7 @@ class Driver:
             state = _job_state(t.job)
             if state != "finished":
                 t.state = state
-            elif is_done(self.run, t.task):
+            elif settle(self.run, t.task):
                 t.state = "done"
             else:
                 t.error = _failure_text(t)
@@ -322,6 +331,12 @@ class Driver:
         if self.status_stream.isatty():
             self.status_stream.write("\n")
 
+    def _finished(self, iteration: int) -> bool:
+        """Marked done by an earlier driver, and its model is intact (else the iteration is resumed: the
+        damaged model is moved aside and retrained from the iteration's verified shards)."""
+        return f"iter_{iteration:02d}" in self.run.state().get("done", {}) and settle(
+            self.run, StageTask(str(self.run.path), iteration, "train"))
+
     def _mark_done(self, iteration: int) -> None:
         state = self.run.state()
         state.setdefault("done", {})[f"iter_{iteration:02d}"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -331,9 +346,10 @@ class Driver:
         self._stop = True
 
 
-def run_driver(run: RunDir, break_lock: bool = False) -> None:
+def run_driver(run: RunDir, break_lock: bool = False, lock_held: bool = False) -> None:
+    """The whole run under the run's lock (``lock_held``: the caller took it, before writing the config)."""
     driver = Driver(run)
-    with driver_lock(run, break_lock):
+    with nullcontext() if lock_held else driver_lock(run, break_lock):
         old = signal.signal(signal.SIGTERM, driver.request_stop)
         try:
             driver.run_all()
@@ -341,11 +357,12 @@ def run_driver(run: RunDir, break_lock: bool = False) -> None:
             signal.signal(signal.SIGTERM, old)
 
 
-def run_eval_driver(run: RunDir, iterations: list[int], benchmarks: list[str], break_lock: bool = False) -> None:
+def run_eval_driver(run: RunDir, iterations: list[int], benchmarks: list[str], break_lock: bool = False,
+                    lock_held: bool = False) -> None:
     """`silmm eval`: the eval stage of the given iterations and benchmarks on an existing run, through the
     run's executor, submitting only what is missing (under the run's driver lock)."""
     driver = Driver(run)
-    with driver_lock(run, break_lock):
+    with nullcontext() if lock_held else driver_lock(run, break_lock):
         old = signal.signal(signal.SIGTERM, driver.request_stop)
         try:
             if 0 in iterations:
@@ -371,15 +388,18 @@ class DetachedDriver(submitit.helpers.Checkpointable):
     def __call__(self) -> str:
         from silmm import config as C
 
-        run = RunDir.create_or_open(C.load(self.config_path, self.overrides, self.profiles))
-        run_driver(run, break_lock=True)  # a requeued driver takes over its own predecessor's lock
+        cfg = C.load(self.config_path, self.overrides, self.profiles)
+        # the lock before the config is written; a requeued driver takes over its own predecessor's lock
+        with driver_lock(RunDir.prepare(cfg), break_lock=True):
+            run = RunDir.create_or_open(cfg)
+            run_driver(run, lock_held=True)
         return str(run.path)
 
 
 def submit_detached(run: RunDir, config_path: str, overrides: list[str], profiles: list[str] = ()) -> str:
     res = run.config.resources("driver")
     ex = submitit.AutoExecutor(folder=run.logs_dir / "submitit" / "driver", cluster="slurm")
-    ex.update_parameters(timeout_min=min(res.time_min, 24 * 60), slurm_partition=res.partition,
+    ex.update_parameters(timeout_min=min(res.time_min, DRIVER_TIME_CAP_MIN), slurm_partition=res.partition,
                          slurm_account=res.account, slurm_qos=res.qos, cpus_per_task=1, mem_gb=2,
                          slurm_job_name=f"silmm-driver-{run.config.run.name}", slurm_setup=list(res.setup),
                          slurm_signal_delay_s=run.config.executor.signal_delay_s)

@@ -15,5 +15,11 @@ def to_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def from_png(data: bytes | np.ndarray) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(bytes(data))).convert("RGB"))
+def from_png(data: bytes | np.ndarray, where: str = "stored image") -> np.ndarray:
+    """The RGB image; a PNG that does not decode is a ShardError naming ``where`` (file, prompt, sample)."""
+    from silmm.store import ShardError
+
+    try:
+        return np.asarray(Image.open(io.BytesIO(bytes(data))).convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for truncated or damaged data
+        raise ShardError(f"{where}: not a decodable PNG ({type(exc).__name__}: {exc})") from None

@@ -15,14 +15,16 @@ from silmm.store import ShardError, read_shard, validate_shard
 
 def describe_shard(path: str | Path) -> str:
     path = Path(path)
-    shard = read_shard(path, columns=())
+    shard = read_shard(path, columns=(), verify_checksums=False)  # describes a damaged shard too
     m = shard.meta
+    problem = validate_shard(path)
     lines = [
         f"shard {path}",
         f"  stage {m.stage} · iteration {m.iteration} · shard {m.shard_index} of {m.shard_count} · "
         f"config {m.config_hash}",
         f"  created {shard.attrs['created']} by silmm {shard.attrs['silmm_version']} · "
         f"file {human_bytes(path.stat().st_size)}",
+        f"  integrity: {'checksums ok' if problem is None else problem}",
         "  rows: " + ", ".join(f"{k}={v}" for k, v in json.loads(shard.attrs["row_counts"]).items()),
         "  datasets:",
     ]
@@ -112,22 +114,59 @@ def inspect_path(path: str | Path) -> str:
 
 
 def verify_run(run: RunDir) -> list[tuple[Path, str]]:
-    """Validate every shard of every iteration on disk (checksums included); return the bad ones."""
-    bad: list[tuple[Path, str]] = []
+    """Every problem of a run in one pass, never stopping at the first: bad shards (checksums included),
+    missing and leftover shards, progress and temporary files, moved-aside files, a missing or damaged model
+    of a finished iteration, bad benchmark shards. Returns (path, problem) pairs; empty when all is well."""
+    from silmm.tasks import expectations, model_problem
+
+    problems: list[tuple[Path, str]] = []
+    finished = set(run.state().get("done", {}))
     for it in run.iterations_on_disk():
+        done_iter = f"iter_{it:02d}" in finished
+        n = run.num_shards(it)
         for stage in SHARD_STAGES:
-            for f in sorted(run.stage_dir(it, stage).glob("shard_*.h5")):
-                problem = validate_shard(f, stage=stage, config_hash=run.config_hash, iteration=it)
+            folder = run.stage_dir(it, stage)
+            present: set[int] = set()
+            for f in sorted(folder.glob("shard_*.h5")):
+                index = _shard_index(f)
+                if index is None or (n is not None and index >= n):
+                    problems.append((f, f"leftover: not one of the run's {n} {stage} shards"))
+                    continue
+                present.add(index)
+                problem = validate_shard(f, **expectations(run, it, stage, index))
                 if problem:
-                    bad.append((f, problem))
+                    problems.append((f, f"bad: {problem}"))
+            if n is not None and (done_iter or folder.is_dir()):
+                for i in sorted(set(range(n)) - present):
+                    problems.append((run.shard_path(it, stage, i), "missing"))
+            for prog in sorted(folder.glob("shard_*.h5.progress")):
+                final = prog.with_name(prog.name.removesuffix(".progress"))
+                what = "left beside a finished shard" if final.is_file() else "of an unfinished task"
+                problems.append((prog, f"progress: {what}"))
         pairs = run.pairs_path(it)
         if pairs.exists():
-            problem = validate_shard(pairs, stage="pairs", config_hash=run.config_hash, iteration=it)
+            problem = validate_shard(pairs, **expectations(run, it, "pairs"))
             if problem:
-                bad.append((pairs, problem))
+                problems.append((pairs, f"bad: {problem}"))
+        elif done_iter:
+            problems.append((pairs, "missing"))
+        model = run.model_dir(it)
+        if done_iter or model.exists():
+            problem = model_problem(model) if model.exists() else f"{model}: missing"
+            if problem:
+                problems.append((model, f"model: {problem}"))
     for f in sorted(run.path.glob("eval/*/iter_*/shard_*.h5")):  # benchmark evaluation (jobs/eval.py)
         problem = validate_shard(f, stage="eval", config_hash=run.config_hash,
                                  iteration=int(f.parent.name.removeprefix("iter_")))
         if problem:
-            bad.append((f, problem))
-    return bad
+            problems.append((f, f"bad: {problem}"))
+    for f in sorted(run.path.rglob(".*.tmp-*")):
+        problems.append((f, "temporary: left by an interrupted write"))
+    for f in sorted(run.path.rglob("*.bad-*")):
+        problems.append((f, "moved aside: found bad and replaced; inspect it, then delete it"))
+    return problems
+
+
+def _shard_index(path: Path) -> int | None:
+    digits = path.name.removeprefix("shard_").removesuffix(".h5")
+    return int(digits) if digits.isdigit() else None

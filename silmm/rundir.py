@@ -9,6 +9,9 @@
 
 Re-opening a run with a config that differs in a key that can change results is refused, with the
 differing keys listed; keys that cannot (executor resources, logging, file locking) may change.
+`silmm run` opens a run in two steps, so that a driver refused by the run's lock changes nothing:
+:meth:`RunDir.prepare` (checks, writes nothing but a new run's empty directory), then the driver lock,
+then :meth:`RunDir.create_or_open` (writes or rewrites config.yaml).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from silmm.fsutil import atomic_write_text
 log = logging.getLogger(__name__)
 
 SHARD_STAGES = ("prompts", "questions", "samples", "scores")  # sharded stages, in driver order
+# written last into iter_K/model/ by the train job: JSON listing every file of the model (bytes, sha256)
+MODEL_DONE = "DONE"
 
 
 @dataclass
@@ -41,7 +46,22 @@ class RunDir:
         return Path(cfg.run.root) / cfg.run.name
 
     @classmethod
+    def prepare(cls, cfg: C.SilmmConfig) -> RunDir:
+        """The run `cfg` names, before its config is written: an existing run, opened and checked against
+        `cfg` (a key that would change its results is refused; nothing is rewritten), or a new run's empty
+        directory, where the driver lock lives. Take the lock on it, then call :meth:`create_or_open`."""
+        path = cls.location(cfg)
+        if (path / "config.yaml").is_file():
+            run = cls.open(path)
+            run.check_reopen(cfg)
+            return run
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path, cfg, C.config_hash(cfg))
+
+    @classmethod
     def create_or_open(cls, cfg: C.SilmmConfig) -> RunDir:
+        """Create the run `cfg` names (config.yaml, state.json) or re-open it, writing the keys that may
+        change (:meth:`check_reopen`). A driver should hold the run's lock: this writes."""
         path = cls.location(cfg)
         if (path / "config.yaml").is_file():
             run = cls.open(path)
@@ -70,7 +90,9 @@ class RunDir:
                                 f"at creation ({recorded}) in {path / 'state.json'}")
         return cls(path, cfg, digest)
 
-    def _accept(self, new: C.SilmmConfig) -> None:
+    def check_reopen(self, new: C.SilmmConfig) -> dict[str, tuple[Any, Any]]:
+        """The keys in which `new` differs from the run's config; ConfigError when one of them could change
+        the run's results. Writes nothing."""
         diffs = C.differing_keys(self.config, new)
         fixed = {k: v for k, v in diffs.items() if not C.is_mutable_key(k)}
         if fixed:
@@ -80,6 +102,11 @@ class RunDir:
             raise C.ConfigError(
                 f"{self.path / 'config.yaml'}: the run exists with a different config; these keys would "
                 f"change its results:\n{lines}\nUse another run.name, or the run's own config.")
+        return diffs
+
+    def _accept(self, new: C.SilmmConfig) -> None:
+        """Re-open with `new`: checked (:meth:`check_reopen`), then its changed keys written to config.yaml."""
+        diffs = self.check_reopen(new)
         if diffs:
             log.info("run %s: updating keys that do not change results: %s", self.path, ", ".join(diffs))
             atomic_write_text(self.path / "config.yaml", C.to_yaml(new))

@@ -10,7 +10,10 @@ Contracts:
 - A shard is complete iff its final file exists and validates. It is written to a temporary name in
   the same directory, flushed, fsync'ed and renamed with ``os.replace``.
 - Every shard records schema version, stage, iteration, shard index and count, config hash, creation
-  time, package version and a CRC32 per dataset; readers check all of it (checksums on full verify).
+  time, package version, a CRC32 per dataset and one over the attributes. Every read checks all of it:
+  the checksums of every dataset, streamed block by block (a reader asking for a few columns still
+  verifies the others without holding them), plus what the caller expects (stage, iteration, shard
+  index and count, config hash, model family). Any failure is one :class:`ShardError` naming the file.
 - A task resumes from a progress directory ``<shard>.progress/`` of atomically written part files;
   the final shard is the concatenation of the parts, so it holds exactly what an uninterrupted task
   writes.
@@ -19,6 +22,7 @@ Contracts:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -33,7 +37,9 @@ import numpy as np
 
 from silmm import __version__
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2  # 2: attrs_checksum; every read verifies every checksum
 
 # kinds of datasets: numpy dtypes, plus two variable-length kinds
 STR = "str"  # UTF-8 variable-length string
@@ -213,7 +219,7 @@ SCHEMAS: dict[str, StageSchema] = {
 }
 
 COMMON_ATTRS = (
-    ("schema_version", "shard schema version (this document: 1)"),
+    ("schema_version", f"shard schema version (this document: {SCHEMA_VERSION})"),
     ("stage", "prompts | questions | samples | scores | pairs | eval"),
     ("iteration", "SILMM iteration, from 1 (eval: the model iteration K ends with; 0 = the base model)"),
     ("shard_index", "index of this shard in the stage (0 for pairs)"),
@@ -224,6 +230,7 @@ COMMON_ATTRS = (
     ("row_counts", "JSON: rows of each row kind"),
     ("checksums", "JSON: CRC32 of each dataset's data, checked by `silmm verify`"),
     ("extra", "JSON: stage-specific metadata (e.g. summary counts)"),
+    ("attrs_checksum", "CRC32 of the other attributes (canonical JSON): a changed attribute is caught too"),
 )
 
 
@@ -294,8 +301,8 @@ def _h5_dtype(col: Column) -> Any:
     return np.dtype(col.kind)
 
 
-def _crc(arr: np.ndarray, kind: str) -> int:
-    crc = 0
+def _crc(arr: np.ndarray, kind: str, crc: int = 0) -> int:
+    """CRC32 of a column's content, chainable: the CRC of consecutive row blocks equals the whole's."""
     if kind == STR:
         for s in arr:
             b = s.encode() if isinstance(s, str) else bytes(s)
@@ -308,7 +315,22 @@ def _crc(arr: np.ndarray, kind: str) -> int:
             crc = zlib.crc32(len(b).to_bytes(8, "little"), crc)
             crc = zlib.crc32(b, crc)
         return crc
-    return zlib.crc32(np.ascontiguousarray(arr).tobytes())
+    return zlib.crc32(np.ascontiguousarray(arr).reshape(-1).view(np.uint8), crc)  # the bytes, not a copy
+
+
+def _check_families(schema: StageSchema, names: set[str], where: str, family: str | None = None) -> None:
+    """A model family's columns come together, never mixed with the other family's; with `family`
+    ("discrete" / "continuous"), a stage that has family columns holds that family's (on write and read)."""
+    families = {c.family for c in schema.columns if c.name in names} & {"discrete", "continuous"}
+    if len(families) > 1:
+        raise ShardError(f"{where}: mixes discrete-only and continuous-only columns")
+    for fam in families:
+        absent = [c.name for c in schema.columns if c.family == fam and c.name not in names]
+        if absent:
+            raise ShardError(f"{where}: {fam} columns present but {absent} missing")
+    if family is not None and any(c.family == family for c in schema.columns) and family not in families:
+        raise ShardError(f"{where}: holds no {family} columns, but this run's model is {family} (a shard of "
+                         f"another run or backend?)")
 
 
 def check_columns(stage: str, data: Mapping[str, Any], where: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
@@ -339,13 +361,7 @@ def check_columns(stage: str, data: Mapping[str, Any], where: str) -> tuple[dict
             if inner.setdefault(axis, size) != size:
                 raise ShardError(f"{where}: column '{col.name}' axis {axis}={size}, other columns have {inner[axis]}")
         arrays[col.name] = arr
-    families = {c.family for c in schema.columns if c.name in arrays} & {"discrete", "continuous"}
-    if len(families) > 1:
-        raise ShardError(f"{where}: mixes discrete-only and continuous-only columns")
-    for fam in families:  # a family's columns come together
-        absent = [c.name for c in schema.columns if c.family == fam and c.name not in arrays]
-        if absent:
-            raise ShardError(f"{where}: {fam} columns present but {absent} missing")
+    _check_families(schema, set(arrays), where)
     for col in schema.columns:
         if col.counts and col.name in arrays:
             counts = arrays[col.name]
@@ -424,6 +440,7 @@ def write_shard(path: str | Path, meta: ShardMeta, data: Mapping[str, Any],
             a["row_counts"] = json.dumps(rows, sort_keys=True)
             a["checksums"] = json.dumps(checksums, sort_keys=True)
             a["extra"] = json.dumps(meta.extra, sort_keys=True)
+            a["attrs_checksum"] = _attrs_crc(dict(a))
             f.flush()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -436,79 +453,163 @@ def write_shard(path: str | Path, meta: ShardMeta, data: Mapping[str, Any],
 
 
 # --------------------------------------------------------------------------------------- reading
-def _read_column(dset: h5py.Dataset, col: Column) -> np.ndarray:
+_BLOCK_BYTES = 16 << 20  # a column not asked for is checksummed in blocks of about this size
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError, OverflowError, UnicodeError)
+
+
+def _plain(value: Any) -> Any:
+    """An attribute as written (h5py hands numbers back as numpy scalars, old strings as bytes)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return value
+
+
+def _attrs_crc(attrs: Mapping[str, Any]) -> int:
+    canonical = {k: _plain(v) for k, v in attrs.items() if k != "attrs_checksum"}
+    return zlib.crc32(json.dumps(canonical, sort_keys=True, default=str).encode())
+
+
+def _read_column(dset: h5py.Dataset, col: Column, rows: slice = slice(None)) -> np.ndarray:
     if col.kind == STR:
-        return dset.asstr()[...] if dset.shape[0] else np.empty(0, dtype=object)
+        return dset.asstr()[rows] if dset.shape[0] else np.empty(0, dtype=object)
     if col.kind == BYTES:
-        out = np.empty(dset.shape[0], dtype=object)
-        if dset.shape[0]:
-            out[:] = list(dset[...])
+        block = dset[rows] if dset.shape[0] else []
+        out = np.empty(len(block), dtype=object)
+        for i, v in enumerate(block):  # one by one: numpy would stack equal lengths into a 2-D array
+            out[i] = v
         return out
-    return dset[...]
+    return dset[rows]
+
+
+def _streamed_crc(dset: h5py.Dataset, col: Column) -> int:
+    """The column's CRC32 read block by block: memory stays at one block whatever the column's size."""
+    n = dset.shape[0]
+    if col.kind == STR:
+        step = 1 << 16
+    elif col.kind == BYTES:
+        step = 256  # PNGs: tens of kB each
+    else:
+        step = max(1, _BLOCK_BYTES // max(1, dset.dtype.itemsize * int(np.prod(dset.shape[1:], dtype=np.int64))))
+    crc = 0
+    for start in range(0, n, step):
+        crc = _crc(_read_column(dset, col, slice(start, min(start + step, n))), col.kind, crc)
+    return crc
+
+
+def _json_attr(path: Path, attrs: Mapping[str, Any], key: str) -> dict[str, Any]:
+    try:
+        value = json.loads(attrs[key])
+    except (TypeError, ValueError):
+        raise ShardError(f"{path}: attribute '{key}' is not valid JSON (corrupt)") from None
+    if not isinstance(value, dict):
+        raise ShardError(f"{path}: attribute '{key}' is not a JSON object (corrupt)")
+    return value
 
 
 def read_shard(path: str | Path, stage: str | None = None, config_hash: str | None = None,
-               iteration: int | None = None, verify_checksums: bool = False,
-               options: StoreOptions = StoreOptions(), columns: Iterable[str] | None = None) -> Shard:
-    """Open, validate and load a shard. Raises ShardError naming the file and the problem."""
+               iteration: int | None = None, verify_checksums: bool = True,
+               options: StoreOptions = StoreOptions(), columns: Iterable[str] | None = None,
+               shard_index: int | None = None, shard_count: int | None = None,
+               family: str | None = None) -> Shard:
+    """Open, validate and load a shard; raise ShardError naming the file and the problem.
+
+    Everything the shard records is checked against itself (attribute and dataset checksums, row counts,
+    column groups) and against what the caller expects (each argument given). ``columns`` limits what is
+    loaded, not what is verified: the other datasets are checksummed block by block and dropped.
+    ``verify_checksums=False`` is for `silmm inspect`, which describes damaged files too."""
     path = Path(path)
     if not path.is_file():
         raise ShardError(f"{path}: shard does not exist (task not finished?)")
+    expect = {"stage": stage, "config_hash": config_hash, "iteration": iteration, "shard_index": shard_index,
+              "shard_count": shard_count, "family": family}
+    try:
+        return _read(path, expect, verify_checksums, options, columns)
+    except ShardError:
+        raise
+    except _READ_ERRORS as exc:  # whatever HDF5, a filter or a decoder raises on a damaged file
+        raise ShardError(f"{path}: cannot be read, the file is damaged ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+
+
+def _read(path: Path, expect: dict[str, Any], verify: bool, options: StoreOptions,
+          columns: Iterable[str] | None) -> Shard:
     try:
         f = _open(path, "r", options)
     except OSError as exc:
-        raise ShardError(f"{path}: not a readable HDF5 file (truncated or corrupt): {exc}") from exc
+        raise ShardError(f"{path}: not a readable HDF5 file (truncated or corrupt): {exc}") from None
     with f:
-        a = dict(f.attrs)
+        a = {k: _plain(v) for k, v in f.attrs.items()}
         for key, _ in COMMON_ATTRS:
             if key not in a:
-                raise ShardError(f"{path}: missing attribute '{key}' (not a complete silmm shard)")
-        if int(a["schema_version"]) != SCHEMA_VERSION:
+                raise ShardError(f"{path}: missing attribute '{key}' (not a complete silmm shard of schema "
+                                 f"version {SCHEMA_VERSION})")
+        if a["schema_version"] != SCHEMA_VERSION:
             raise ShardError(f"{path}: schema version {a['schema_version']}, this silmm reads {SCHEMA_VERSION}")
-        got_stage = str(a["stage"])
-        if stage is not None and got_stage != stage:
-            raise ShardError(f"{path}: is a '{got_stage}' shard, expected '{stage}'")
-        if config_hash is not None and str(a["config_hash"]) != config_hash:
-            raise ShardError(f"{path}: config hash {a['config_hash']} differs from the run's {config_hash} "
-                             "(shard from another run or config)")
-        if iteration is not None and int(a["iteration"]) != iteration:
-            raise ShardError(f"{path}: iteration {a['iteration']}, expected {iteration}")
-        schema = SCHEMAS.get(got_stage)
+        if verify and a["attrs_checksum"] != _attrs_crc(a):
+            raise ShardError(f"{path}: attributes changed since the shard was written (attribute checksum "
+                             "mismatch)")
+        meta = ShardMeta(str(a["stage"]), int(a["iteration"]), int(a["shard_index"]), int(a["shard_count"]),
+                         str(a["config_hash"]), _json_attr(path, a, "extra"))
+        _check_expected(path, meta, expect)
+        row_counts = _json_attr(path, a, "row_counts")
+        sums = _json_attr(path, a, "checksums")
+        schema = SCHEMAS.get(meta.stage)
         if schema is None:
-            raise ShardError(f"{path}: unknown stage '{got_stage}'")
-        wanted = set(columns) if columns is not None else None
+            raise ShardError(f"{path}: unknown stage '{meta.stage}'")
+        names = set(f)
+        for name in sorted(names):
+            if name not in {c.name for c in schema.columns}:
+                raise ShardError(f"{path}: unexpected dataset '{name}' for stage '{meta.stage}'")
+        _check_families(schema, names, str(path), expect["family"])
+        _check_shapes(path, schema, {name: f[name].shape for name in names}, row_counts)
+        if verify:
+            lost = sorted(set(sums) - names)
+            if lost:
+                raise ShardError(f"{path}: dataset(s) {lost} were written but are gone")
+        wanted = set(columns) if columns is not None else names
         data: dict[str, np.ndarray] = {}
-        try:
-            for name in f:
-                try:
-                    col = schema.column(name)
-                except KeyError:
-                    raise ShardError(f"{path}: unexpected dataset '{name}' for stage '{got_stage}'") from None
-                if wanted is None or name in wanted or verify_checksums:
-                    data[name] = _read_column(f[name], col)
-        except OSError as exc:
-            raise ShardError(f"{path}: data cannot be read (corrupt): {exc}") from exc
-        shapes = {name: f[name].shape for name in f}
-    # structure: row agreement and counts, checked on shapes so partial column loads stay cheap
-    _check_shapes(path, schema, shapes, json.loads(a["row_counts"]))
-    if verify_checksums:
-        sums = json.loads(a["checksums"])
-        for name, arr in data.items():
-            if sums.get(name) != _crc(arr, schema.column(name).kind):
-                raise ShardError(f"{path}: checksum mismatch in dataset '{name}' (data corrupted)")
-        if wanted is not None:
-            data = {k: v for k, v in data.items() if k in wanted}
-    if any(c.counts for c in schema.columns):
         for col in schema.columns:
-            if col.counts and col.name in data and int(data[col.name].sum()) != json.loads(a["row_counts"]).get(col.counts, 0):
-                raise ShardError(f"{path}: column '{col.name}' does not match the {col.counts} rows")
-    meta = ShardMeta(got_stage, int(a["iteration"]), int(a["shard_index"]), int(a["shard_count"]),
-                     str(a["config_hash"]), json.loads(a["extra"]))
+            if col.name not in names:
+                continue
+            dset = f[col.name]
+            if col.name in wanted or col.counts:  # *_count columns are small and always checked
+                data[col.name] = _read_column(dset, col)
+                crc = _crc(data[col.name], col.kind) if verify else None
+            else:
+                crc = _streamed_crc(dset, col) if verify else None
+            if verify and sums.get(col.name) != crc:
+                raise ShardError(f"{path}: checksum mismatch in dataset '{col.name}' (data corrupted)")
+    for col in schema.columns:
+        if col.counts and col.name in data:
+            counts = data[col.name]
+            if (counts < 0).any() or int(counts.sum()) != row_counts.get(col.counts, 0):
+                raise ShardError(f"{path}: column '{col.name}' does not match the {row_counts.get(col.counts, 0)} "
+                                 f"{col.counts} rows")
+    data = {k: v for k, v in data.items() if k in wanted}
     return Shard(path, meta, data, a)
 
 
+def _check_expected(path: Path, meta: ShardMeta, expect: dict[str, Any]) -> None:
+    if expect["stage"] is not None and meta.stage != expect["stage"]:
+        raise ShardError(f"{path}: is a '{meta.stage}' shard, expected '{expect['stage']}'")
+    if expect["config_hash"] is not None and meta.config_hash != expect["config_hash"]:
+        raise ShardError(f"{path}: config hash {meta.config_hash} differs from the run's {expect['config_hash']} "
+                         "(shard from another run or config)")
+    if expect["iteration"] is not None and meta.iteration != expect["iteration"]:
+        raise ShardError(f"{path}: iteration {meta.iteration}, expected {expect['iteration']}")
+    if expect["shard_index"] is not None and meta.shard_index != expect["shard_index"]:
+        raise ShardError(f"{path}: holds shard {meta.shard_index}, expected shard {expect['shard_index']} "
+                         "(a shard copied over another?)")
+    if expect["shard_count"] is not None and meta.shard_count != expect["shard_count"]:
+        raise ShardError(f"{path}: is one of {meta.shard_count} shards, the run has {expect['shard_count']}")
+    if not 0 <= meta.shard_index < max(meta.shard_count, 1):
+        raise ShardError(f"{path}: shard index {meta.shard_index} outside 0..{meta.shard_count - 1}")
+
+
 def _check_shapes(path: Path, schema: StageSchema, shapes: dict[str, tuple[int, ...]],
-                  row_counts: dict[str, int]) -> None:
+                  row_counts: dict[str, Any]) -> None:
     for col in schema.columns:
         if col.name not in shapes:
             if not col.optional:
@@ -523,24 +624,31 @@ def _check_shapes(path: Path, schema: StageSchema, shapes: dict[str, tuple[int, 
 
 
 def validate_shard(path: str | Path, **kwargs: Any) -> str | None:
-    """None when the shard is good, else the problem (a message naming the file)."""
+    """None when the shard is good, else the problem (a message naming the file). Loads nothing: every
+    dataset is checksummed block by block."""
     try:
-        read_shard(path, verify_checksums=True, **kwargs)
+        read_shard(path, columns=(), **kwargs)
     except ShardError as exc:
         return str(exc)
     return None
 
 
 def is_complete(path: str | Path, **kwargs: Any) -> bool:
-    """A task's completion test: the final file exists and validates (structure; no checksums)."""
+    """A task's completion test: the final file exists and validates, checksums included."""
+    return Path(path).is_file() and validate_shard(path, **kwargs) is None
+
+
+def quarantine(path: str | Path) -> Path:
+    """Move a bad output aside (kept for inspection, never read again): ``<name>.bad-<UTC time>``."""
     path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        read_shard(path, columns=(), **kwargs)
-    except ShardError:
-        return False
-    return True
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.bad-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.bad-{stamp}-{n}")
+    os.replace(path, target)
+    return target
 
 
 # ------------------------------------------------------------------------------ resumable writing
@@ -609,9 +717,19 @@ class ShardWriter:
             return
         for tmp in self.progress_dir.glob(".*.tmp-*"):
             tmp.unlink(missing_ok=True)  # a part whose write was interrupted
-        for part in sorted(self.progress_dir.glob("part_*.h5")):
-            shard = read_shard(part, stage=self.meta.stage, config_hash=self.meta.config_hash,
-                               iteration=self.meta.iteration, options=self.options, columns=())
+        parts = sorted(self.progress_dir.glob("part_*.h5"))
+        for i, part in enumerate(parts):
+            try:
+                shard = read_shard(part, stage=self.meta.stage, config_hash=self.meta.config_hash,
+                                   iteration=self.meta.iteration, shard_index=self.meta.shard_index,
+                                   shard_count=self.meta.shard_count, options=self.options, columns=())
+            except ShardError as exc:
+                # parts are a prefix of the task's order: keep those before the bad one, redo the rest
+                for later in parts[i:]:
+                    moved = quarantine(later)
+                    log.warning("progress part %s is bad (%s): moved aside to %s, its prompts will be redone",
+                                later, exc, moved.name)
+                break
             keys = shard.meta.extra.get("keys", [])
             self.parts.append(part)
             self.done.update(keys)

@@ -25,9 +25,9 @@ import submitit
 from tqdm import tqdm
 
 from silmm.eval.results import eval_dir, is_current, results_path
-from silmm.fsutil import atomic_write_text
-from silmm.rundir import RunDir
-from silmm.store import Shard, ShardMeta, ShardWriter, StoreOptions, is_complete, read_shard
+from silmm.fsutil import atomic_write_text, manifest_problem
+from silmm.rundir import MODEL_DONE, SHARD_STAGES, RunDir
+from silmm.store import Shard, ShardMeta, ShardWriter, StoreOptions, quarantine, read_shard, validate_shard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,7 +68,7 @@ def output_path(run: RunDir, task: StageTask) -> Path:
     if task.stage == "pairs":
         return run.pairs_path(task.iteration)
     if task.stage == "train":
-        return run.model_dir(task.iteration) / "DONE"
+        return run.model_dir(task.iteration) / MODEL_DONE
     if task.stage == "eval":
         return eval_dir(run.path, task.benchmark, task.iteration) / f"shard_{task.shard:05d}.h5"
     if task.stage == "eval_results":
@@ -76,21 +76,72 @@ def output_path(run: RunDir, task: StageTask) -> Path:
     return run.shard_path(task.iteration, task.stage, task.shard)
 
 
-def is_done(run: RunDir, task: StageTask) -> bool:
-    """A task's completion test: its shard exists and validates (train: the exported model's marker)."""
+def expectations(run: RunDir, iteration: int, stage: str, shard: int = 0) -> dict[str, Any]:
+    """What a shard of this run must say about itself (read_shard's checks): stage, iteration, shard index
+    and count, config hash, model family. One home for the driver's completion check and the stages' reads."""
+    count = run.num_shards(iteration) if stage in SHARD_STAGES else 1
+    return {"stage": stage, "config_hash": run.config_hash, "iteration": iteration, "shard_index": shard,
+            "shard_count": count, "family": "discrete" if run.config.discrete else "continuous",
+            "options": StoreOptions.from_config(run.config.store)}
+
+
+def model_problem(model_dir: Path) -> str | None:
+    """None when an exported model is complete: its DONE marker lists every file written before it (size and
+    sha256) and each is there unchanged. A model that fails is not done, so it is never loaded."""
+    done = model_dir / MODEL_DONE
+    if not done.is_file():
+        return f"{done}: missing (training not finished)"
+    try:
+        files = json.loads(done.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return f"{done}: not the JSON the train job writes (corrupt)"
+    if not isinstance(files, dict) or not files:
+        return f"{done}: lists no files (written by an older silmm, or by hand)"
+    return manifest_problem(model_dir, files)
+
+
+def output_problem(run: RunDir, task: StageTask) -> str | None:
+    """None when the task's output is complete and valid; else what is wrong (naming the file), or
+    "missing". A task whose output has a problem is not done."""
     out = output_path(run, task)
-    if task.stage in ("train", "pretrain", "evaluate"):  # written last, atomically
-        return out.is_file()
+    if task.stage == "train":
+        return model_problem(out.parent) if out.parent.exists() else "missing"
+    if not out.exists():
+        return "missing"
+    if task.stage in ("pretrain", "evaluate"):  # written last, atomically
+        return None
     if task.stage in ("eval", "eval_results"):  # complete, and from the current eval settings (eval hash)
         from silmm.eval import stage as E
 
-        if not out.is_file():
-            return False
         plan = E.plan(run, task.iteration, task.benchmark)
         if task.stage == "eval":
-            return E.shard_is_current(plan, task.shard, plan.eval_hash())
-        return is_current(out, plan.eval_hash())
-    return is_complete(out, config_hash=run.config_hash, options=StoreOptions.from_config(run.config.store))
+            problem = validate_shard(out, stage="eval", config_hash=run.config_hash, iteration=task.iteration,
+                                     options=StoreOptions.from_config(run.config.store))
+            if problem:
+                return problem
+            return None if E.shard_is_current(plan, task.shard, plan.eval_hash()) else "stale"
+        return None if is_current(out, plan.eval_hash()) else "stale"
+    return validate_shard(out, **expectations(run, task.iteration, task.stage, task.shard))
+
+
+def is_done(run: RunDir, task: StageTask) -> bool:
+    """A task's completion test: its output exists and validates (train: the exported model's manifest)."""
+    return output_problem(run, task) is None
+
+
+def settle(run: RunDir, task: StageTask) -> bool:
+    """The driver's completion check: True when done. A damaged output is moved aside (kept for inspection
+    as ``<name>.bad-<time>``, logged) so the task regenerates it and nothing downstream reads it."""
+    problem = output_problem(run, task)
+    if problem is None:
+        return True
+    if problem not in ("missing", "stale"):
+        out = output_path(run, task)
+        target = out.parent if task.stage == "train" else out
+        if target.exists():
+            moved = quarantine(target)
+            log.warning("%s: %s\n  moved aside to %s; the task will regenerate it", task.name, problem, moved)
+    return False
 
 
 def task_rank() -> int:
@@ -126,7 +177,7 @@ def task_log(path: Path) -> Iterator[None]:
 def run_task(task: StageTask) -> dict[str, Any]:
     run = RunDir.open(task.run_dir)
     out = output_path(run, task)
-    if is_done(run, task):
+    if settle(run, task):  # done; a damaged output is moved aside and regenerated
         log.info("%s: already complete at %s, skipping", task.name, out)
         return {"task": task.name, "skipped": True, "output": str(out)}
     job = importlib.import_module(f"jobs.{task.stage}")
@@ -146,10 +197,12 @@ def run_task(task: StageTask) -> dict[str, Any]:
     return stats
 
 
-def read_input(run: RunDir, iteration: int, stage: str, shard: int) -> Shard:
-    """An earlier stage's shard, validated against this run (hash, iteration, stage)."""
-    return read_shard(run.shard_path(iteration, stage, shard), stage=stage, config_hash=run.config_hash,
-                      iteration=iteration, options=StoreOptions.from_config(run.config.store))
+def read_input(run: RunDir, iteration: int, stage: str, shard: int, columns: Iterable[str] | None = None,
+               verify_checksums: bool = True) -> Shard:
+    """An earlier stage's shard, verified (checksums) and checked against this run and its place.
+    ``verify_checksums=False`` only for a quick look at what is there before the verified read."""
+    return read_shard(run.shard_path(iteration, stage, shard), columns=columns, verify_checksums=verify_checksums,
+                      **expectations(run, iteration, stage, shard))
 
 
 def open_writer(run: RunDir, iteration: int, stage: str, shard: int, shard_count: int,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import shutil
 import signal
 import threading
@@ -43,7 +44,7 @@ from torch import nn
 from silmm.backends.lora import Master
 from silmm.config import CONTINUOUS_LOSSES, DISCRETE_LOSSES, IpoNormalization, Loss, SilmmConfig, TrainConfig
 from silmm.distributed import all_reduce_sum, barrier
-from silmm.fsutil import atomic_write_text
+from silmm.fsutil import atomic_write_text, file_manifest, manifest_problem
 from silmm.losses import (
     cdpo_loss,
     dpo_loss,
@@ -54,12 +55,13 @@ from silmm.losses import (
     sft_continuous_loss,
     sft_discrete_loss,
 )
+from silmm.rundir import MODEL_DONE
 from silmm.seeding import derive_seed
-from silmm.store import ShardError, StoreOptions, read_shard
+from silmm.store import ShardError, StoreOptions, quarantine, read_shard
 
 log = logging.getLogger(__name__)
 
-DONE = "DONE"  # written last into iter_K/model/: the driver's and `silmm inspect`'s completion marker
+DONE = MODEL_DONE  # written last into iter_K/model/: the driver's and `silmm inspect`'s completion marker
 REFERENCE_SOURCES = ("auto", "stored", "forward")
 
 
@@ -567,16 +569,62 @@ def grad_norm(engine: Any, step: int, checkpoints: Checkpoints) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
+MANIFEST = "silmm_manifest.json"  # beside DeepSpeed's files in each step_* folder
+
+
+def deepspeed_safe_globals() -> list[type]:
+    """The classes DeepSpeed 0.19 pickles into its checkpoint files besides tensors and builtins, found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3 checkpoints in fp32 and bf16:
+    the ZeRO stage enum, the fragment addresses of ZeRO 1/2 and the loss scaler (a static one in fp32/bf16;
+    fp16, CUDA only, keeps a dynamic one). None of them runs code when unpickled: their fields are set."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside: every ``torch.load`` runs with ``weights_only=True`` and :func:`deepspeed_safe_globals` allowed.
+
+    DeepSpeed's loader passes ``weights_only=False`` itself (its checkpoint engine, the ZeRO optimizer
+    states); torch's documented ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides that at every call site."""
+    import os
+
+    key, before = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ[key] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 class Checkpoints:
     """DeepSpeed checkpoints in ``iter_K/train/checkpoints/step_NNNNNNNN``; only the newest is kept.
 
     Frozen weights are left out (the loaded model supplies them): a checkpoint holds the trainable
     weights, optimizer and scheduler states, and ``client_state["silmm"]`` (step, consumed samples, data
-    seed, batch layout), which a resume checks against the current run."""
+    seed, batch layout), which a resume checks against the current run.
 
-    def __init__(self, root: Path, is_main: bool):
+    Only checkpoints this run wrote are loaded, and without running pickled code:
+
+    - after DeepSpeed's files, rank 0 writes :data:`MANIFEST` (the run's config hash, every file's size and
+      sha256), then ``latest``: a step folder without a manifest is never the latest;
+    - a resume checks the manifest (present, same config hash, the same files, sizes and hashes) before
+      anything is unpickled; a checkpoint that fails is moved aside (``checkpoints.bad-<time>``, the
+      warning names the file) and the iteration's training starts over;
+    - DeepSpeed then loads under :func:`weights_only_loads`: ``weights_only=True`` with a four-class
+      allowlist, for every file it reads."""
+
+    def __init__(self, root: Path, is_main: bool, config_hash: str):
         self.root = Path(root)
         self.is_main = is_main
+        self.config_hash = config_hash
 
     def latest(self) -> str | None:
         f = self.root / "latest"
@@ -584,21 +632,63 @@ class Checkpoints:
 
     def save(self, engine: Any, state: dict[str, Any]) -> str:
         tag = f"step_{state['step']:08d}"
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"silmm": state},
+        engine.save_checkpoint(str(self.root), tag=tag, client_state={"silmm": state}, save_latest=False,
                                exclude_frozen_parameters=True)
-        barrier()  # every rank's files are written before an older checkpoint goes
+        barrier()  # every rank's files are written before they are hashed and an older checkpoint goes
         if self.is_main:
+            folder = self.root / tag
+            manifest = {"config_hash": self.config_hash, "files": file_manifest(folder, exclude=(MANIFEST,))}
+            atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+            atomic_write_text(self.root / "latest", tag)
             for old in self.root.glob("step_*"):
                 if old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
         return tag
 
+    def verify(self, tag: str) -> None:
+        """TrainingError naming the file unless ``tag`` is complete, unchanged and of this run."""
+        folder, start_over = self.root / tag, f"delete {self.root} to start this iteration's training over"
+        record = folder / MANIFEST
+        try:
+            manifest = json.loads(record.read_text())
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise TrainingError(f"{record}: missing or unreadable ({exc}); the checkpoint was not written to the "
+                                f"end by this run, so it is not loaded; {start_over}") from None
+        if manifest.get("config_hash") != self.config_hash:
+            raise TrainingError(f"{record}: written by another run (config hash {manifest.get('config_hash')}, "
+                                f"this run's {self.config_hash}); only this run's checkpoints are loaded; "
+                                f"{start_over}")
+        extra = sorted(name for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+                       and (name := str(p.relative_to(folder))) not in files)
+        problem = manifest_problem(folder, files) or (extra and f"{folder / extra[0]}: not written by this run")
+        if problem:
+            raise TrainingError(f"{problem}; the checkpoint is not loaded; {start_over}")
+
     def resume(self, engine: Any, expected: dict[str, Any]) -> dict[str, Any] | None:
-        """Load the newest checkpoint; None when there is none. Refuses one of another layout."""
+        """Load the newest checkpoint; None when there is none. Refuses one that :meth:`verify` rejects or
+        of another layout."""
         tag = self.latest()
         if tag is None:
             return None
-        path, client = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=False)
+        try:
+            self.verify(tag)  # before DeepSpeed unpickles anything
+        except TrainingError as exc:
+            # damaged or foreign: kept for inspection, never loaded; training starts over, which writes what
+            # the resumed run would have (every step's data and seeds derive from the run, not the process)
+            barrier()  # every rank has looked at it before rank 0 moves it
+            if self.is_main:
+                moved = quarantine(self.root)
+                log.warning("%s\n  moved %s aside to %s; this iteration's training starts over", exc, self.root,
+                            moved.name)
+            barrier()
+            return None
+        try:
+            with weights_only_loads():
+                path, client = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=False)
+        except pickle.UnpicklingError as exc:
+            raise TrainingError(f"{self.root / tag}: holds an object outside the weights-only allowlist "
+                                f"(silmm.trainer.deepspeed_safe_globals), not loaded: {exc}") from None
         if path is None:
             raise TrainingError(f"{self.root / tag}: checkpoint could not be loaded; delete {self.root} to "
                                 "start this iteration's training over")
@@ -798,6 +888,9 @@ def export_model(engine: Any, policy: Policy, zero_stage: int, adapter_dir: Path
             if model_dir.exists():  # a partial export of an earlier attempt (no DONE, or we would not be here)
                 shutil.rmtree(model_dir)
             backend.merge_and_save(model_dir, master)
+            # every file with its size and sha256: the driver and `silmm verify` check them, so a damaged
+            # model is moved aside and retrained instead of loaded by the next iteration
+            done_info = {**done_info, "files": file_manifest(model_dir)}
             atomic_write_text(model_dir / DONE, json.dumps(done_info, indent=2) + "\n")
             log_fn(f"wrote adapter {adapter_dir} and merged model {model_dir}")
     barrier()

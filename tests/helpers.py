@@ -89,3 +89,13 @@ def assert_chunked_logprobs_match(backend, prompts, tokens, chunks, ref_logp, re
         grads = torch.autograd.grad((logp * weights).sum(), params)
         for got, want in zip(grads, ref_grads, strict=True):  # float32 rounding of sums of ~100 logits
             torch.testing.assert_close(got, want, atol=1e-3 * float(want.abs().max()), rtol=1e-3)
+
+
+def mark_model_done(model_dir: Path) -> None:
+    """Stand in for the train job's last step: DONE listing every file of the model (what the driver checks)."""
+    import json
+
+    from silmm.fsutil import file_manifest
+    from silmm.rundir import MODEL_DONE
+
+    (model_dir / MODEL_DONE).write_text(json.dumps({"files": file_manifest(model_dir)}))

@@ -104,7 +104,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_hash_ignores_keys_that_cannot_change_results(tmp_path, ckpt):
     path = write(tmp_path, base_yaml(ckpt))
     h = C.config_hash(C.load(path))
-    assert C.config_hash(C.load(path, ["executor.default.mem_gb=99", "logging.level=DEBUG",
+    assert C.config_hash(C.load(path, ["executor.default.mem_gb=99", "logging.progress=false",
                                        "store.file_locking=false", "executor.kind=slurm",
                                        "run.iterations=3", "run.name=other"])) == h
     assert C.config_hash(C.load(path, ["train.lr=1e-6"])) != h

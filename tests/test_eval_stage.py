@@ -28,7 +28,7 @@ from silmm.eval.results import read_results, results_path
 from silmm.images import from_png
 from silmm.store import read_shard
 from silmm.tasks import StageTask, is_done
-from tests.helpers import tiny_run
+from tests.helpers import mark_model_done, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 T2I_CATEGORIES = ("color", "shape", "texture", "spatial", "3d_spatial", "numeracy", "non_spatial", "complex")
@@ -82,7 +82,7 @@ def shard_content(path: Path) -> dict:
 def make_iteration_model(run, iteration: int, ckpt: Path) -> None:
     """Stand in for training: iteration K's model is a copy of the base checkpoint."""
     shutil.copytree(ckpt, run.model_dir(iteration))
-    (run.model_dir(iteration) / "DONE").write_text("copied for a test\n")
+    mark_model_done(run.model_dir(iteration))
 
 
 # ------------------------------------------------------------------------- shards, export, results

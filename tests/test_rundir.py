@@ -43,7 +43,7 @@ def test_reopen_refuses_result_changes_and_lists_keys(cfg_file):
 
 def test_reopen_accepts_resource_and_logging_changes(cfg_file):
     first = RunDir.create_or_open(C.load(cfg_file))
-    again = RunDir.create_or_open(C.load(cfg_file, ["executor.default.mem_gb=32", "logging.level=DEBUG"]))
+    again = RunDir.create_or_open(C.load(cfg_file, ["executor.default.mem_gb=32", "logging.progress=false"]))
     assert again.config_hash == first.config_hash
     assert RunDir.open(first.path).config.executor.default.mem_gb == 32  # the new resources are kept
 
@@ -75,14 +75,21 @@ def test_status_inspect_and_verify(cfg_file):
     assert [p for p, _ in s.bad] == [foreign] and s.missing == 1
     text = describe_run(run)
     assert "prompts    1/3 done, 1 in progress, 1 BAD, 1 missing" in text
-    bad = verify_run(run)
-    assert [p for p, _ in bad] == [foreign] and "config hash 0000 differs" in bad[0][1]
+    problems = dict(verify_run(run))  # every problem in one pass
+    progress = run.stage_dir(1, "prompts") / "shard_00002.h5.progress"
+    assert set(problems) == {foreign, run.shard_path(1, "prompts", 2), progress}
+    assert problems[foreign].startswith("bad: ") and "config hash 0000 differs" in problems[foreign]
+    assert problems[run.shard_path(1, "prompts", 2)] == "missing"
+    assert problems[progress] == "progress: of an unfinished task"
 
     proc = subprocess.run([sys.executable, "-m", "silmm", "verify", str(run.path)], capture_output=True, text=True)
-    assert proc.returncode == 1 and str(foreign) in proc.stdout
+    assert proc.returncode == 1 and str(foreign) in proc.stdout and "3 problem(s)" in proc.stdout
     foreign.unlink()
+    progress.rmdir()
+    make_prompts_shard(run, 1)
+    make_prompts_shard(run, 2)
     proc = subprocess.run([sys.executable, "-m", "silmm", "verify", str(run.path)], capture_output=True, text=True)
-    assert proc.returncode == 0 and "all shards valid" in proc.stdout
+    assert proc.returncode == 0 and "all shards, pairs and models valid" in proc.stdout
     shard = run.shard_path(1, "prompts", 0)
     proc = subprocess.run([sys.executable, "-m", "silmm", "inspect", str(shard)], capture_output=True, text=True)
     assert proc.returncode == 0

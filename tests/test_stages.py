@@ -19,7 +19,7 @@ from silmm.inspection import stage_status, verify_run
 from silmm.models import load_backend
 from silmm.seeding import derive_seed
 from silmm.tasks import StageTask, run_task
-from tests.helpers import tiny_run
+from tests.helpers import mark_model_done, tiny_run
 from tests.test_store import content as shard_content
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +186,11 @@ def test_killed_samples_task_resumes_to_identical_shard(tiny_checkpoints, tmp_pa
     assert stats["computed"] == 8 - done_before
     assert shard_content(final) == shard_content(ref.shard_path(1, "samples", 0))
 
+    def metadata(path):  # every attribute but the write time (and the checksum that covers it)
+        return {k: v for k, v in S.read_shard(path, columns=()).attrs.items() if k not in ("created", "attrs_checksum")}
+
+    assert metadata(final) == metadata(ref.shard_path(1, "samples", 0))
+
 
 def test_checkpoint_flushes_pending_progress(tiny_checkpoints, tmp_path):
     from silmm.tasks import open_writer
@@ -272,7 +277,6 @@ def test_judge_base_keeps_iteration_zeros_questions_and_answers(tiny_checkpoints
     # iteration 2 starts from a model that differs from model.path (here: another random init); "path": a
     # separate judge checkpoint (feedback.judge_path, e.g. Emu3-Chat beside Emu3-Gen), a third random init
     from silmm.models import build_tiny
-    from silmm.trainer import DONE
 
     choice = f"feedback.judge={judge}"
     if judge == "path":
@@ -280,7 +284,7 @@ def test_judge_base_keeps_iteration_zeros_questions_and_answers(tiny_checkpoints
     run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus", choice, "run.iterations=2",
                    "sampling.store_images=none")
     build_tiny("janus", run.model_dir(1), seed=1)
-    (run.model_dir(1) / DONE).write_text("{}")
+    mark_model_done(run.model_dir(1))
     for stage in STAGES:
         run_task(StageTask(str(run.path), 2, stage, 0))
     read2 = {stage: S.read_shard(run.shard_path(2, stage, 0), stage=stage, config_hash=run.config_hash)

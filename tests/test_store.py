@@ -160,7 +160,7 @@ def test_reader_refuses_truncated_mismatched_and_corrupt(tmp_path):
     corrupt.write_bytes(path.read_bytes())
     with h5py.File(corrupt, "r+") as f:
         f["ref_logprob"][0] = 123.0
-    assert S.is_complete(corrupt)
+    assert not S.is_complete(corrupt)  # completion checks verify checksums too
     assert "checksum mismatch in dataset 'ref_logprob'" in S.validate_shard(corrupt)
     # truncation (a copy cut short)
     truncated = tmp_path / "truncated.h5"
@@ -219,9 +219,20 @@ def test_progress_of_another_config_is_refused(tmp_path):
     path = tmp_path / "shard_00000.h5"
     w = S.ShardWriter(path, META, flush_every=1)
     w.add(1, sample_record(1))
+    w.add(2, sample_record(2))
     other = S.ShardMeta("samples", 1, 0, 1, "other-hash")
-    with pytest.raises(S.ShardError, match="config hash abc123 differs"):
-        S.ShardWriter(path, other)
+    fresh = S.ShardWriter(path, other)  # never resumed from: moved aside, its prompts redone
+    assert fresh.done == set()
+    kept = sorted(p.name for p in w.progress_dir.iterdir())
+    assert len(kept) == 2 and all(".bad-" in n for n in kept)
+    # a bad part in the middle: the parts before it are kept (a prefix of the task's order), the rest redone
+    w = S.ShardWriter(tmp_path / "b" / "shard_00000.h5", META, flush_every=1)
+    for pid in range(3):
+        w.add(pid, sample_record(pid))
+    with h5py.File(w.parts[1], "r+") as f:
+        f["seed"][0] += 1
+    resumed = S.ShardWriter(w.path, META)
+    assert resumed.keys_written == [0] and [p.name for p in resumed.parts] == ["part_00000.h5"]
 
 
 WRITER = textwrap.dedent("""

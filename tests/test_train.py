@@ -163,18 +163,22 @@ class _Engine:
     def __init__(self, state):
         self.state = state
 
+    def save_checkpoint(self, root, tag, client_state, save_latest, exclude_frozen_parameters):
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+
     def load_checkpoint(self, root, tag, load_module_strict):
         return f"{root}/{tag}", {"silmm": self.state}
 
 
 def test_resume_refuses_a_checkpoint_of_another_layout(tmp_path):
-    (tmp_path / "latest").write_text("step_00000002")
-    ckpts = T.Checkpoints(tmp_path, is_main=True)
+    ckpts = T.Checkpoints(tmp_path, is_main=True, config_hash="0123456789abcdef")
     state = {"step": 2, "world_size": 2, "batch_size": 4}
+    assert ckpts.save(_Engine(state), state) == "step_00000002" == ckpts.latest()
     assert ckpts.resume(_Engine(state), {"world_size": 2, "batch_size": 4}) == state
     with pytest.raises(T.TrainingError, match=r"different layout \{'world_size': \(2, 1\)\}"):
         ckpts.resume(_Engine(state), {"world_size": 1, "batch_size": 4})
-    assert T.Checkpoints(tmp_path / "none", is_main=True).resume(_Engine(state), {}) is None
+    assert T.Checkpoints(tmp_path / "none", is_main=True, config_hash="0").resume(_Engine(state), {}) is None
 
 
 def test_loss_that_does_not_fit_the_backend_is_refused(tiny_checkpoints, tmp_path):

@@ -30,6 +30,29 @@ class CheckpointError(ValueError):
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+DIFFUSERS_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+
+
+def check_safetensors_weights(path: Path, names: tuple[str, ...] = WEIGHT_FILES) -> None:
+    """Raise CheckpointError naming ``path`` unless it holds safetensors weights (one of ``names``) and its
+    config.json does not point transformers at another file (``transformers_weights``, which transformers
+    follows even with ``use_safetensors=True``). Every model load also passes ``use_safetensors=True``: a
+    pickled ``pytorch_model.bin`` is never read, whatever else the directory holds."""
+    import json
+
+    if not any((path / name).is_file() for name in names):
+        pickled = [p.name for p in sorted(path.glob("*")) if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        found = f"; found {', '.join(pickled)}, pickle files are not loaded" if pickled else ""
+        raise CheckpointError(f"{path}: no weights ({' or '.join(names)}; only safetensors are loaded{found})")
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            explicit = json.loads(config.read_text()).get("transformers_weights")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise CheckpointError(f"{config}: not a valid JSON object: {exc}") from exc
+        if explicit is not None and not str(explicit).endswith((".safetensors", ".safetensors.index.json")):
+            raise CheckpointError(f"{config}: transformers_weights={explicit!r} is not a safetensors file "
+                                  "(only safetensors are loaded)")
 
 
 def check_transformers_checkpoint(path: Path, model_type: str, backend: str) -> None:
@@ -48,8 +71,7 @@ def check_transformers_checkpoint(path: Path, model_type: str, backend: str) -> 
         raise CheckpointError(f"{config_file}: not a valid JSON object: {exc}") from exc
     if found != model_type:
         raise CheckpointError(f"{config_file}: model_type is {found!r}, the {backend} backend needs '{model_type}'")
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise CheckpointError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)}; only safetensors are loaded)")
+    check_safetensors_weights(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer (tokenizer.json / tokenizer_config.json)")
     if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():

@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from silmm.backends.base import check_safetensors_weights
 from silmm.backends.lora import Master, adapter_state_dict, merged_state_dict, own_values, stored_dtype
 from silmm.config import LoraConfig, ModelConfig
 from silmm.seeding import generator
@@ -201,6 +202,9 @@ class InPlaceLora:
 
         if self.peft is not None:
             raise RuntimeError("a LoRA adapter is already attached")
+        # peft takes adapter_model.safetensors when present and falls back to a pickled adapter_model.bin
+        # (it has no use_safetensors switch): require the safetensors file that save_adapter writes
+        check_safetensors_weights(Path(adapter_dir), ("adapter_model.safetensors",))
         self.peft = PeftModel.from_pretrained(self.model, str(adapter_dir), is_trainable=trainable)
 
     def lora_module_names(self) -> list[str]:

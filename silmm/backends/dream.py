@@ -41,7 +41,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from silmm.backends.base import CheckpointError, LMMBackend, resolve_device
+from silmm.backends.base import (
+    DIFFUSERS_WEIGHT_FILES,
+    CheckpointError,
+    LMMBackend,
+    check_safetensors_weights,
+    resolve_device,
+)
 from silmm.backends.common import (
     apply_lora,
     build_tiny_tokenizer,
@@ -217,11 +223,13 @@ class DreamBackend(LMMBackend):
         dtype = resolve_device(model_cfg)[1]
         trust = model_cfg.trust_remote_code
         try:
-            lmm = LlavaForConditionalGeneration.from_pretrained(str(path / LMM_DIR), dtype=dtype)
+            lmm = LlavaForConditionalGeneration.from_pretrained(str(path / LMM_DIR), dtype=dtype,
+                                                                use_safetensors=True)
             processor = AutoProcessor.from_pretrained(str(path / LMM_DIR), trust_remote_code=trust)
             decoder = str(path / DECODER_DIR)
-            unet = UNet2DConditionModel.from_pretrained(decoder, subfolder="unet", torch_dtype=dtype)
-            vae = AutoencoderKL.from_pretrained(decoder, subfolder="vae", torch_dtype=dtype)
+            unet = UNet2DConditionModel.from_pretrained(decoder, subfolder="unet", torch_dtype=dtype,
+                                                        use_safetensors=True)
+            vae = AutoencoderKL.from_pretrained(decoder, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
             scheduler = _load_scheduler(path / DECODER_DIR / "scheduler")
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{path}: cannot load the dream checkpoint: {exc}") from exc
@@ -490,9 +498,12 @@ def _check_layout(path: Path) -> None:
                                   f"{HEAD_DIR}/)")
     if not (path / LMM_DIR / "config.json").is_file():
         raise CheckpointError(f"{path}: missing {LMM_DIR}/config.json")
+    check_safetensors_weights(path / LMM_DIR)
     for part in DECODER_PARTS:
         if not (path / DECODER_DIR / part).is_dir():
             raise CheckpointError(f"{path}: missing sub-folder '{DECODER_DIR}/{part}/'")
+        if part in ("unet", "vae"):
+            check_safetensors_weights(path / DECODER_DIR / part, DIFFUSERS_WEIGHT_FILES)
 
 
 def _check_sizes(path: Path, head_cfg: DreamHeadConfig, lmm: nn.Module, unet: nn.Module) -> None:
@@ -534,8 +545,8 @@ def build_tiny_dream(out_dir: str | Path, seed: int = 0, image_size: int = 32, n
         nn.init.normal_(head.queries, std=0.02)  # like token embeddings
     lmm.save_pretrained(str(out / LMM_DIR))
     processor.save_pretrained(str(out / LMM_DIR))
-    unet.save_pretrained(str(out / DECODER_DIR / "unet"))
-    vae.save_pretrained(str(out / DECODER_DIR / "vae"))
+    unet.save_pretrained(str(out / DECODER_DIR / "unet"), safe_serialization=True)
+    vae.save_pretrained(str(out / DECODER_DIR / "vae"), safe_serialization=True)
     scheduler.save_pretrained(str(out / DECODER_DIR / "scheduler"))
     head.save(out / HEAD_DIR, head_cfg)
     return out

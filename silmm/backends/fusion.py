@@ -32,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from silmm.backends.base import WEIGHT_FILES, CheckpointError, LMMBackend
+from silmm.backends.base import CheckpointError, LMMBackend, check_safetensors_weights
 from silmm.backends.common import (
     ImageSamples,
     InPlaceLora,
@@ -196,8 +196,7 @@ def check_checkpoint(path: Path) -> None:
                        (f"{CODEC_DIR}/codec.json", "image codec")):
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: no {name} ({what})")
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise CheckpointError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)}; only safetensors are loaded)")
+    check_safetensors_weights(path)
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer.json")
 

@@ -107,7 +107,8 @@ class BlipVQA:
         _required(path, ["config.json", "preprocessor_config.json|processor_config.json"])
         try:
             processor = BlipProcessor.from_pretrained(str(path), local_files_only=True)
-            model = BlipForQuestionAnswering.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+            model = BlipForQuestionAnswering.from_pretrained(str(path), local_files_only=True, dtype=dtype,
+                                                             use_safetensors=True)
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"BLIP VQA checkpoint {path}: cannot load ({e})") from e
         model.to(device).eval()
@@ -119,7 +120,8 @@ class BlipVQA:
             _required(sp, ["config.json"])
             try:
                 sbert = (AutoTokenizer.from_pretrained(str(sp), local_files_only=True),
-                         AutoModel.from_pretrained(str(sp), local_files_only=True).to(device).eval())
+                         AutoModel.from_pretrained(str(sp), local_files_only=True, use_safetensors=True)
+                         .to(device).eval())
             except (OSError, ValueError, KeyError) as e:
                 raise CheckpointError(f"sentence-embedding checkpoint {sp}: cannot load ({e})") from e
         return cls(model, processor, path, torch.device(device), dtype, enc_token_id, image_size, sbert)

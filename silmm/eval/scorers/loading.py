@@ -46,7 +46,7 @@ def load_pretrained(model_cls: Any, processor_cls: Any, path: str | Path, what: 
     path = require_checkpoint(path, what)
     dev, dt = device_dtype(device, dtype)
     try:
-        model = model_cls.from_pretrained(str(path), dtype=dt)
+        model = model_cls.from_pretrained(str(path), dtype=dt, use_safetensors=True)  # never a pickle
         processor = processor_cls.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{what} checkpoint {path}: cannot load ({e})") from e

@@ -44,9 +44,10 @@ _GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 @contextmanager
 def _without_process_group_env() -> Iterator[None]:
-    """Local jobs inherit this process's environment when they start. If this process joined a process
-    group itself (a debug-executor train, or a test), its RANK/MASTER_PORT would send every local train job
-    to a port this process still holds (EADDRINUSE). The driver is not a rank: its jobs start without those
+    """Local jobs inherit this process's environment when they start, Slurm jobs when sbatch exports it. If
+    this process joined a process group itself (a debug-executor train, or a test), its RANK/WORLD_SIZE would
+    make a two-task Slurm train job two world-size-1 jobs, and its MASTER_PORT send every local train job to
+    a port this process still holds (EADDRINUSE). The driver is not a rank: its jobs start without those
     variables, and this process gets them back (its own group still needs them)."""
     joined = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     saved = {k: os.environ.pop(k) for k in _GROUP_ENV if joined and k in os.environ}
@@ -266,7 +267,8 @@ class Driver:
                 os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(at_once, 1)))
         executor = make_executor(self.run, iteration, stage)
         for chunk in split_arrays(batch, self.cfg.executor.max_array_size):
-            with _without_process_group_env() if self.cfg.executor.kind is ExecutorKind.local else nullcontext():
+            # local jobs inherit this environment when they start, Slurm jobs when sbatch exports it
+            with _without_process_group_env() if self.cfg.executor.kind is not ExecutorKind.debug else nullcontext():
                 if len(chunk) == 1:
                     jobs = [executor.submit(chunk[0].task)]
                 else:
@@ -403,6 +405,7 @@ def submit_detached(run: RunDir, config_path: str, overrides: list[str], profile
                          slurm_account=res.account, slurm_qos=res.qos, cpus_per_task=1, mem_gb=2,
                          slurm_job_name=f"silmm-driver-{run.config.run.name}", slurm_setup=list(res.setup),
                          slurm_signal_delay_s=run.config.executor.signal_delay_s)
-    job = ex.submit(DetachedDriver(str(Path(config_path).resolve()), list(overrides),
-                                   [str(Path(p).resolve()) for p in profiles]))
+    with _without_process_group_env():  # sbatch exports this environment to the driver, and it to its jobs
+        job = ex.submit(DetachedDriver(str(Path(config_path).resolve()), list(overrides),
+                                       [str(Path(p).resolve()) for p in profiles]))
     return str(job.job_id)

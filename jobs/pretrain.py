@@ -3,6 +3,7 @@
 Reads   config `toy.*` (the world split, pretraining settings) and `questions.icl_examples` (the request
         format it learns to answer)
 Writes  <model.path>.partial/   progress every toy.pretrain.checkpoint_every steps (weights, optimizer, step)
+        <run>/logs/iter_00/pretrain_00000.progress.json   steps done of total, rate (silmm.progress)
         <model.path>/           the finished checkpoint in the fusion backend's layout, plus pretrain.json
                                 (settings, losses, answer accuracy); swapped in atomically, so a path that
                                 exists is a complete cache that later runs reuse
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from silmm.backends.fusion import FusionSpec, save_checkpoint
+from silmm.progress import task_recorder
 from silmm.questions import load_examples
 from silmm.rundir import RunDir
 from silmm.toy import pretrain as PT
@@ -57,6 +59,7 @@ def run(run: RunDir, iteration: int, shard: int, stop_after: int | None = None) 
     sizes = {"generate": p.batch_size, "answer": p.batch_size, "questions": max(p.batch_size // 8, 1)}
     model.train()
     t0, losses = time.time(), {k: float("nan") for k in PT.KINDS}
+    record = task_recorder("steps", p.steps, start)  # under the run's logs: the driver's bar and `silmm status`
     for step in range(start, p.steps):
         for group in optimizer.param_groups:
             group["lr"] = PT.lr_at(step, p.lr, p.warmup_steps, p.steps)
@@ -71,6 +74,7 @@ def run(run: RunDir, iteration: int, shard: int, stop_after: int | None = None) 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        record.update(done)
         if done % 50 == 0 or done == p.steps:
             rate = (done - start) / (time.time() - t0)
             log.info("step %d/%d  loss %.3f (%s)  %.1f steps/s, eta %.0f s", done, p.steps, total,

@@ -49,6 +49,7 @@ from silmm import trainer as T
 from silmm.backends.base import resolve_device
 from silmm.config import Loss
 from silmm.models import load_backend
+from silmm.progress import task_recorder
 from silmm.rundir import RunDir
 from silmm.seeding import derive_seed
 from silmm.store import StoreOptions
@@ -119,6 +120,7 @@ def run(run: RunDir, iteration: int, shard: int = 0, reference: str = "auto") ->
                 for step in range(start, t.max_steps) for m in range(t.grad_accum))
     reads = T.Prefetcher(pairs, schedule, ref_source == "stored", t.prefetch)
     engine.train()  # what gradient checkpointing needs; dropout stays off unless train.policy_dropout
+    record = task_recorder("steps", t.max_steps, start, enabled=dist.is_main)  # the driver's bar, `silmm status`
     sums, t_start, t_window, steps_window = T.MetricSums(), time.time(), time.time(), 0
     try:
         with T.StopRequest().installed() as stop:
@@ -139,6 +141,7 @@ def run(run: RunDir, iteration: int, shard: int = 0, reference: str = "auto") ->
                     sums.add({"loss": result.loss, **result.metric_tensors(), **T.policy_metrics(t, batch, out, ref)})
                 done = step + 1
                 bar.update(1)
+                record.update(done)
                 steps_window += 1
                 log_now = done % t.log_every == 0 or done == t.max_steps or stop_now
                 save_now = done % t.checkpoint_every == 0 or done == t.max_steps or stop_now

@@ -48,6 +48,60 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    """The run directory (created, or an existing one checked) without a driver, and the sbatch commands of
+    one iteration, for people who submit with plain sbatch."""
+    import shutil
+
+    from silmm.driver import DriverError, driver_lock
+    from silmm.executors import SlurmLimits, sbatch_iteration, slurm_limits
+    from silmm.models import ensure_base_model
+    from silmm.rundir import RunDir
+
+    cfg = C.load(args.config, args.overrides, args.profile)  # every config error stops here, before any write
+    if cfg.toy.enabled:
+        raise C.ConfigError(f"{args.config}: the toy world pretrains its LMM first (`silmm run`); plain sbatch "
+                            "starts from an existing checkpoint")
+    planned = RunDir.prepare(cfg)  # an existing run: result-changing keys refused here, nothing rewritten
+    try:
+        with driver_lock(planned):  # a running driver owns the run: init changes nothing then
+            run = RunDir.create_or_open(cfg)
+            ensure_base_model(run.config)  # a tiny config's checkpoint, built once before any job could race
+    except DriverError as exc:
+        print(f"silmm: {exc}", file=sys.stderr)
+        return 1
+    done = run.state().get("done", {})
+    iteration = args.iteration or next((k for k in range(1, cfg.run.iterations + 1) if f"iter_{k:02d}" not in done),
+                                       cfg.run.iterations)
+    limits = slurm_limits() if shutil.which("scontrol") else SlurmLimits()
+    print(sbatch_iteration(run, iteration, limits), end="")
+    return 0
+
+
+def _cmd_shards(args: argparse.Namespace) -> int:
+    """How many shards a stage has (slurm/sbatch/stage.sh checks its array index against it); exit 3 while not
+    yet known (prompt files before their first shard)."""
+    from silmm.rundir import SHARD_STAGES, RunDir
+
+    run = RunDir.open(args.run)
+    if args.stage in ("eval", "eval_results"):
+        if not args.benchmark:
+            raise C.ConfigError(f"silmm shards: stage {args.stage} needs --benchmark NAME")
+        from silmm.eval import stage as E
+
+        count = E.plan(run, args.iteration, args.benchmark).shard_count if args.stage == "eval" else 1
+    elif args.stage in SHARD_STAGES:
+        count = run.num_shards(args.iteration)
+    else:
+        count = 1  # pairs, train, evaluate, pretrain: one task
+    if count is None:
+        print(f"{run.path}: shard count of {args.stage} not known yet (prompt files: the first prompts shard "
+              "records it)", file=sys.stderr)
+        return 3
+    print(count)
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from silmm.rundir import RunDir
     from silmm.status import describe_status
@@ -61,7 +115,7 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     from silmm.status import cancel
 
     done = cancel(RunDir.open(args.run))
-    print("cancelled: " + (", ".join(done) if done else "nothing was running"))
+    print("cancelled: " + ("\n  ".join(["", *done]) if done else "nothing was running"))
     return 0
 
 
@@ -221,6 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--break-lock", action="store_true", help="take over a driver lock left by a dead driver")
     run.set_defaults(func=_cmd_run)
 
+    init = sub.add_parser("init", help="create (or check) the run directory without a driver and print the sbatch "
+                                       "commands of one iteration (slurm/sbatch/*.sh, afterok chain)")
+    init.add_argument("config")
+    init.add_argument("overrides", nargs="*", help="key=value dotlist overrides")
+    init.add_argument("--profile", action="append", default=[], help="extra YAML merged after CONFIG (repeatable)")
+    init.add_argument("--iteration", type=int, default=None,
+                      help="the iteration to print (default: the first one not finished)")
+    init.set_defaults(func=_cmd_init)
+
+    sh = sub.add_parser("shards", help="print how many shards a stage of an iteration has")
+    sh.add_argument("run")
+    sh.add_argument("iteration", type=int)
+    sh.add_argument("stage")
+    sh.add_argument("--benchmark", default="", help="eval, eval_results: the benchmark")
+    sh.set_defaults(func=_cmd_shards)
+
     st = sub.add_parser("status", help="per iteration and stage: done / running / failed / missing")
     st.add_argument("run")
     st.set_defaults(func=_cmd_status)
@@ -260,10 +330,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options and overrides in any order (`silmm run CFG a=1 --profile p.yaml b=2`): argparse gives the
+    `overrides` positional only the words before the first option, so the key=value words after it come back
+    as extras; they are overrides too, in the order given."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
+    from silmm.executors import SubmissionError
     from silmm.store import ShardError
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
@@ -272,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ShardError as exc:
         print(f"silmm: shard error: {exc}", file=sys.stderr)
+        return 1
+    except SubmissionError as exc:  # sbatch refused a job: what Slurm said and the fix, no traceback
+        print(f"silmm: {exc}", file=sys.stderr)
         return 1
 
 

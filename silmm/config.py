@@ -528,9 +528,61 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         obj: SilmmConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:  # a mandatory value left missing, a bad interpolation
         raise _wrap(exc, source) from exc
+    # a run's own config.yaml keeps its paths as recorded (absolute since they are made so; relative in runs
+    # created before, which keep their config hash); every other path is made absolute here
+    keep = {k for k, v in origins.items() if frozen and v == str(path)}
+    make_paths_absolute(obj, keep)
     obj = resolve(obj)
     validate(obj, source, origins=origins)
     return obj
+
+
+def path_keys(cfg: SilmmConfig) -> list[str]:
+    """The keys that name files or directories: jobs read them from wherever they start."""
+    keys = ["run.root", "model.path", "prompts.files", "prompts.icl_examples", "questions.icl_examples",
+            "feedback.judge_path"]
+    keys += [f"eval.benchmarks.{name}.path" for name in cfg.eval.benchmarks]
+    keys += [f"eval.experts.{f.name}" for f in dataclasses.fields(ExpertsConfig)]
+    return keys
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg[part] if isinstance(cfg, dict) else getattr(cfg, part)
+    return cfg
+
+
+def _set(cfg: Any, key: str, value: Any) -> None:
+    parent_key, _, leaf = key.rpartition(".")
+    parent = _get(cfg, parent_key)
+    if isinstance(parent, dict):
+        parent[leaf] = value
+    else:
+        setattr(parent, leaf, value)
+
+
+def make_paths_absolute(cfg: SilmmConfig, keep: set[str] | frozenset[str] = frozenset()) -> None:
+    """Every path key (:func:`path_keys`) except those in `keep` made absolute against the current directory
+    (`~` expanded), so that a frozen config names the same files from any directory a job starts in. The
+    same command from the same directory gives the same paths, hence the same config hash."""
+    for key in path_keys(cfg):
+        value = _get(cfg, key)
+        if key not in keep and value:
+            _set(cfg, key, os.path.abspath(os.path.expanduser(value)))
+
+
+def keep_run_paths(run_cfg: SilmmConfig, new: SilmmConfig) -> None:
+    """A run created before paths were made absolute recorded them relative (and hashed them so): where `new`
+    gives the same path made absolute from the current directory, `new` takes the run's recorded value, so
+    the run re-opens as the same run (same hash) from the directory it was created in."""
+    for key in path_keys(new):
+        try:
+            old = _get(run_cfg, key)
+        except (KeyError, AttributeError):  # a benchmark the run's config does not list
+            continue
+        value = _get(new, key)
+        if old and value and not os.path.isabs(old) and os.path.abspath(os.path.expanduser(old)) == value:
+            _set(new, key, old)
 
 
 def from_yaml_text(text: str, source: str) -> SilmmConfig:

@@ -5,7 +5,11 @@ For each iteration: prompts -> questions -> samples -> scores (arrays over shard
 iteration 1 and of each iteration's model after it (`silmm eval` runs the same by hand).
 Re-running the same command resumes exactly where things stand on disk; a finished shard is never
 redone. One driver per run, enforced by a lock file (a stale lock of a dead process is reported and
-taken over). The driver writes `<run>/jobs.json` (what it submitted and their states) for `silmm status`.
+taken over). The driver writes `<run>/jobs.json` (what it submitted and their states) for `silmm status`
+and `silmm cancel`. A driver that starts on a run with recorded jobs adopts those Slurm (or this host)
+still runs or queues instead of submitting their shards again; each task holds its output's lease
+(silmm/lease.py), so even a duplicate writer only waits. A detached driver (`--detach`) is itself a Slurm
+job, recorded in `<run>/driver_job.json`; it logs to `<run>/logs/driver.log`.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from typing import Any
 
 import submitit
 
+from silmm import lease as L
 from silmm.config import DRIVER_TIME_CAP_MIN, ExecutorKind, PromptSource
-from silmm.executors import make_executor, parallelism, split_arrays
+from silmm.executors import TASK_THREADS_ENV, array_chunks, local_threads, make_executor, parallelism
 from silmm.fsutil import atomic_write_text
 from silmm.models import ensure_base_model
+from silmm.progress import LiveStatus, record_path
 from silmm.rundir import SHARD_STAGES, RunDir
 from silmm.store import ShardError
 from silmm.tasks import StageTask, log_path, model_problem, settle
@@ -104,6 +110,47 @@ def driver_lock(run: RunDir, break_lock: bool = False) -> Iterator[None]:
         path.unlink(missing_ok=True)
 
 
+# ------------------------------------------------------------------- cancel request, detached driver job
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def request_cancel(run: RunDir) -> None:
+    """`silmm cancel` leaves this before it signals the driver, so the driver knows the SIGTERM is a cancel."""
+    atomic_write_text(run.path / "cancel.json", json.dumps({"host": socket.gethostname(), "since": _now()}) + "\n")
+
+
+def cancel_requested(run: RunDir) -> str | None:
+    """'silmm cancel on HOST at TIME' while a cancel is asked for, else None."""
+    try:
+        info = json.loads((run.path / "cancel.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return f"silmm cancel on {info.get('host')} at {info.get('since')}"
+
+
+def clear_cancel(run: RunDir) -> None:
+    """A new driver starts: an earlier cancel is over."""
+    (run.path / "cancel.json").unlink(missing_ok=True)
+
+
+def driver_job_path(run: RunDir) -> Path:
+    return run.path / "driver_job.json"
+
+
+def record_driver_job(run: RunDir, job_id: str, **info: Any) -> None:
+    """The detached driver's Slurm job, for `silmm status` and `silmm cancel` (which scancels it)."""
+    old = read_driver_job(run) or {}
+    atomic_write_text(driver_job_path(run), json.dumps({**old, "job_id": str(job_id), **info}, indent=1) + "\n")
+
+
+def read_driver_job(run: RunDir) -> dict[str, Any] | None:
+    try:
+        return json.loads(driver_job_path(run).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 # ------------------------------------------------------------------------------------ job tracking
 @dataclass
 class Tracked:
@@ -121,12 +168,30 @@ class JobBook:
     run: RunDir
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    @staticmethod
+    def key(task: StageTask) -> str:
+        bench = f"{task.benchmark}/" if task.benchmark else ""
+        return f"iter_{task.iteration:02d}/{task.stage}/{bench}{task.shard:05d}"
+
     def record(self, t: Tracked) -> None:
-        bench = f"{t.task.benchmark}/" if t.task.benchmark else ""
-        key = f"iter_{t.task.iteration:02d}/{t.task.stage}/{bench}{t.task.shard:05d}"
-        self.entries[key] = {"job_id": getattr(t.job, "job_id", None), "state": t.state, "attempts": t.attempts,
-                             "kind": self.run.config.executor.kind.value, "updated": time.time(),
-                             "log": str(log_path(self.run, t.task)), "error": t.error[-2000:]}
+        job_id = getattr(t.job, "job_id", None)
+        kind = getattr(t.job, "kind", None) or self.run.config.executor.kind.value
+        entry = {"job_id": job_id, "state": t.state, "attempts": t.attempts, "kind": kind, "host": socket.gethostname(),
+                 "updated": time.time(), "log": str(log_path(self.run, t.task)), "error": t.error[-2000:]}
+        if kind == "local" and str(job_id).isdigit():  # a pid names a process only together with its start time
+            old = self.entries.get(self.key(t.task), {})
+            entry["pid_start"] = (getattr(t.job, "pid_start", None) or old.get("pid_start") if old.get("job_id") ==
+                                  job_id else None) or L.process_start(int(job_id))
+        self.entries[self.key(t.task)] = entry
+
+    def mark(self, key: str, state: str, note: str = "") -> None:
+        """Correct a recorded entry (a job that ended while no driver watched it; an output found done)."""
+        entry = self.entries[key]
+        entry.update(state=state, updated=time.time(), **({"note": note} if note else {}))
+
+    def active(self) -> dict[str, dict[str, Any]]:
+        """The entries recorded as submitted and not ended."""
+        return {k: e for k, e in self.entries.items() if e.get("state") in ("pending", "running") and e.get("job_id")}
 
     def save(self) -> None:
         atomic_write_text(self.run.path / "jobs.json", json.dumps(self.entries, indent=1) + "\n")
@@ -162,14 +227,113 @@ def _failure_text(t: Tracked) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------- adoption
+class AdoptedLocalJob:
+    """A local job of an earlier driver on this host: its process is not our child, so submitit cannot
+    poll it; it is running while that process (pid and start time) lives. Results come from submitit's
+    files as for any local job."""
+
+    kind = "local"
+
+    def __init__(self, folder: Path, job_id: str, pid_start: str | None):
+        self._job = submitit.LocalJob(folder, job_id)
+        self.job_id, self.pid_start, self.paths = job_id, pid_start, self._job.paths
+
+    def done(self) -> bool:
+        return not L.process_alive(int(self.job_id), self.pid_start)
+
+    @property
+    def state(self) -> str:
+        return "FINISHED" if self.done() else "RUNNING"
+
+    def result(self) -> Any:
+        return self._job.result()
+
+    def exception(self) -> Any:
+        return self._job.exception()
+
+
+class LeaseWait:
+    """Stands for the writer that holds a task's lease (the task's own job found it held and exited): the
+    driver waits for that holder as for its own job, then looks at the output again."""
+
+    def __init__(self, lease_path: Path, holder: L.Holder, paths: Any = None):
+        self.lease_path, self.holder, self.paths = lease_path, holder, paths
+        self.kind = holder.job_kind or "local"
+        self.job_id = holder.job_id or str(holder.pid)
+        self.pid_start = holder.pid_start if not holder.job_id else None
+        self._me = L.Holder.me("driver")
+
+    def done(self) -> bool:
+        now = L.read_holder(self.lease_path)
+        return now != self.holder or L.gone_reason(self.holder, self._me) is not None
+
+    @property
+    def state(self) -> str:
+        return "FINISHED" if self.done() else "RUNNING"
+
+    def result(self) -> Any:
+        return None
+
+    def exception(self) -> Any:
+        return None
+
+
+def recorded_job_states(book: JobBook) -> dict[str, str]:
+    """key -> the live state ("pending" | "running") of every recorded job Slurm or this host still runs or
+    queues; the entries of jobs that ended while no driver watched them are corrected in the book."""
+    active = book.active()
+    slurm = L.slurm_states([str(e["job_id"]) for e in active.values() if e.get("kind") == "slurm"])
+    here = socket.gethostname()
+    live = {}
+    for key, e in active.items():
+        jid = str(e["job_id"])
+        if e.get("kind") == "slurm":
+            state = slurm.get(jid) or slurm.get(jid.split("_")[0])
+            if state in L.SLURM_ACTIVE:
+                live[key] = "running" if state in L.SLURM_RUNNING else "pending"
+                continue
+            book.mark(key, "ended", f"Slurm: {state or 'unknown to squeue and sacct'}")
+        elif e.get("kind") == "local" and jid.isdigit() and e.get("host") == here and \
+                L.process_alive(int(jid), e.get("pid_start")):
+            live[key] = "running"
+        else:  # a debug job lived in its driver's process; a local one on another host cannot be watched
+            book.mark(key, "ended", "its process is gone")
+    return live
+
+
+def adopt(run: RunDir, t: Tracked, entry: dict[str, Any], state: str) -> None:
+    """Track a job an earlier driver submitted as if this driver had submitted it."""
+    from silmm.executors import submitit_folder
+
+    folder = submitit_folder(run, t.task.iteration, t.task.stage)
+    jid = str(entry["job_id"])
+    t.job = submitit.SlurmJob(folder, jid) if entry["kind"] == "slurm" else \
+        AdoptedLocalJob(folder, jid, entry.get("pid_start"))
+    t.state, t.attempts = state, int(entry.get("attempts", 1))
+
+
+def _held_result(t: Tracked) -> dict[str, Any] | None:
+    """The result of a task that found its output leased by another writer (tasks.run_task), else None."""
+    try:
+        result = t.job.result()
+    except Exception:
+        return None
+    return result if isinstance(result, dict) and "held_by" in result else None
+
+
 # ------------------------------------------------------------------------------------------ stages
 class Driver:
     def __init__(self, run: RunDir, status_stream=sys.stderr):
         self.run = run
         self.cfg = run.config
+        clear_cancel(run)  # a driver starts: an earlier `silmm cancel` is over
         self.book = JobBook.load(run)
+        self._live = recorded_job_states(self.book)  # recorded jobs still running or queued: adopted, not resubmitted
+        self.book.save()
         self.status_stream = status_stream
         self._stop = False
+        self.detached = False  # a detached driver ignores a bare SIGTERM (preemption): see request_stop
         self._user_threads = _USER_OMP_THREADS is not None  # the user's own setting wins
 
     # the public story --------------------------------------------------------------------------
@@ -230,14 +394,22 @@ class Driver:
     # submission, polling, retries ---------------------------------------------------------------
     def _run_tasks(self, iteration: int, stage: str, shards: list[int], benchmark: str = "") -> None:
         tracked = [Tracked(StageTask(str(self.run.path), iteration, stage, s, benchmark)) for s in shards]
-        todo = [t for t in tracked if not settle(self.run, t.task)]  # a damaged output is moved aside
+        adopted = self._adopt(tracked)
+        # a damaged output is moved aside; an adopted job's output is its writer's until the job ends
+        todo = [t for t in tracked if t not in adopted and not settle(self.run, t.task)]
         for t in tracked:
-            t.state = "missing" if t in todo else "done"
+            if t not in adopted:
+                t.state = "missing" if t in todo else "done"
+            key = JobBook.key(t.task)
+            if t.state == "done" and self.book.entries.get(key, {}).get("state") not in (None, "done"):
+                self.book.mark(key, "done")  # finished while no driver watched it: jobs.json says so
+        self.book.save()
         stage_label = f"{stage} {benchmark}" if benchmark else stage
-        if not todo:
+        if not todo and not adopted:
             log.info("iter %d %s: all %d done", iteration, stage_label, len(tracked))
             return
-        log.info("iter %d %s: %d of %d to run", iteration, stage_label, len(todo), len(tracked))
+        log.info("iter %d %s: %d of %d to run%s", iteration, stage_label, len(todo) + len(adopted), len(tracked),
+                 f" ({len(adopted)} adopted: still running from an earlier driver)" if adopted else "")
         queue = list(todo)
         limit = parallelism(self.run, stage)
         t0 = time.time()
@@ -254,19 +426,38 @@ class Driver:
                 self._report_failure(failed)
             if all(t.state == "done" for t in tracked):
                 break
-            if self._stop:
-                raise DriverError("driver stopped by a signal; submitted jobs keep running (silmm cancel RUN)")
-            time.sleep(self.cfg.executor.poll_interval_s if self.cfg.executor.kind is not ExecutorKind.debug else 0)
+            if self._stop or cancel_requested(self.run):  # a signal, or `silmm cancel` from any host
+                raise DriverError(self._stop_message())
+            waiting = any(isinstance(t.job, LeaseWait) and t.state == "running" for t in tracked)
+            # debug tasks ran inside _submit: no need to wait, unless for another writer (no busy loop)
+            time.sleep(self.cfg.executor.poll_interval_s if self.cfg.executor.kind is not ExecutorKind.debug
+                       else 0.2 if waiting else 0)
         self._end_status_line()
         log.info("iter %d %s: done in %.1f s", iteration, stage_label, time.time() - t0)
 
+    def _adopt(self, tracked: list[Tracked]) -> list[Tracked]:
+        """Track the recorded jobs of these tasks that still run or queue (an earlier driver submitted them)."""
+        adopted = []
+        for t in tracked:
+            key = JobBook.key(t.task)
+            state = self._live.pop(key, None)
+            if state is None:
+                continue
+            entry = self.book.entries[key]
+            adopt(self.run, t, entry, state)
+            self.book.record(t)
+            adopted.append(t)
+            log.info("%s: adopted %s job %s (%s), submitted by an earlier driver", t.task.name, entry["kind"],
+                     entry["job_id"], state)
+        return adopted
+
     def _submit(self, iteration: int, stage: str, batch: list[Tracked], at_once: int = 1) -> None:
-        if self.cfg.executor.kind is ExecutorKind.local:
-            if not self._user_threads:
-                # local tasks share this machine's cores; more torch threads than cores makes every task crawl
-                os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(at_once, 1)))
+        if self.cfg.executor.kind is ExecutorKind.local and not self._user_threads:
+            # local tasks share this machine's cores (more torch threads than cores makes every task crawl);
+            # each task reads its share when it starts (executors.set_task_threads)
+            os.environ[TASK_THREADS_ENV] = str(local_threads(self.run, stage))
         executor = make_executor(self.run, iteration, stage)
-        for chunk in split_arrays(batch, self.cfg.executor.max_array_size):
+        for chunk in array_chunks(executor, self.run, stage, batch):  # within the cluster's limits
             # local jobs inherit this environment when they start, Slurm jobs when sbatch exports it
             with _without_process_group_env() if self.cfg.executor.kind is not ExecutorKind.debug else nullcontext():
                 if len(chunk) == 1:
@@ -296,6 +487,21 @@ class Driver:
                 t.state = state
             elif settle(self.run, t.task):
                 t.state = "done"
+            elif isinstance(t.job, LeaseWait):  # the holder ended without finishing: the task runs again
+                log.info("%s: the writer holding it (%s) ended; submitting it", t.task.name, t.job.holder.describe())
+                t.state = "missing"
+                queue.append(t)
+            elif held := _held_result(t):
+                # not a failure: another writer (a duplicate job, a job of an earlier driver) holds the output
+                log.info("%s: its output is being written by %s; waiting for that writer", t.task.name,
+                         held["held_by"])
+                holder = L.read_holder(Path(held["lease"]))
+                if holder is None:  # released meanwhile: look again at once
+                    t.state = "missing"
+                    queue.append(t)
+                else:
+                    t.job, t.state = LeaseWait(Path(held["lease"]), holder, getattr(t.job, "paths", None)), "running"
+                t.attempts -= 1  # it did not run
             else:
                 t.error = _failure_text(t)
                 if t.attempts <= self.cfg.executor.retries:
@@ -318,20 +524,20 @@ class Driver:
         raise DriverError("a task failed for good:\n" + "\n".join(parts))
 
     # status ------------------------------------------------------------------------------------
+    _progress_view: LiveStatus | None = None  # the console view of the stage waited for, made on first use
+
     def _status_line(self, iteration: int, stage: str, tracked: list[Tracked], t0: float) -> None:
-        counts = {s: sum(t.state == s for t in tracked) for s in ("done", "running", "pending", "missing", "failed")}
-        text = (f"iter {iteration} {stage:9s} done {counts['done']}/{len(tracked)}  running {counts['running']}  "
-                f"pending {counts['pending'] + counts['missing']}  failed {counts['failed']}  "
-                f"{time.time() - t0:6.0f}s")
-        if self.status_stream.isatty():
-            self.status_stream.write("\r" + text)
-            self.status_stream.flush()
-        else:
-            log.debug(text)
+        """The stage's figures from its tasks' progress records (silmm.progress.LiveStatus): units done of
+        total, rate, ETA and task counts, as a bar rewritten in place on a terminal, else a log line every
+        30 s. Debug tasks run inside _submit, before this is called: their own log lines show progress."""
+        if self._progress_view is None:
+            self._progress_view = LiveStatus(self.status_stream)
+        tasks = [(record_path(log_path(self.run, t.task)), t.state) for t in tracked]
+        self._progress_view.update(f"iter {iteration} {stage}", tasks, t0)
 
     def _end_status_line(self) -> None:
-        if self.status_stream.isatty():
-            self.status_stream.write("\n")
+        if self._progress_view is not None:
+            self._progress_view.end()
 
     def _finished(self, iteration: int) -> bool:
         """Marked done by an earlier driver, and its model is intact (else the iteration is resumed: the
@@ -345,13 +551,26 @@ class Driver:
         self.run.write_state(state)
 
     def request_stop(self, *_: Any) -> None:
+        """SIGTERM. A detached driver gets one before a preemption too (then USR2 requeues it, and its
+        successor adopts the jobs): it stops only when `silmm cancel` asked for it."""
+        if self.detached and not cancel_requested(self.run):
+            log.warning("SIGTERM without `silmm cancel`: a preemption or a time limit; going on until requeued")
+            return
         self._stop = True
 
+    def _stop_message(self) -> str:
+        asked = cancel_requested(self.run)
+        if asked:
+            return (f"driver stopped: the run was cancelled ({asked}); the next `silmm run` resumes it from "
+                    f"what is on disk")
+        return "driver stopped by a signal; submitted jobs keep running (silmm cancel RUN)"
 
-def run_driver(run: RunDir, break_lock: bool = False, lock_held: bool = False) -> None:
+
+def run_driver(run: RunDir, break_lock: bool = False, lock_held: bool = False, detached: bool = False) -> None:
     """The whole run under the run's lock (``lock_held``: the caller took it, before writing the config)."""
-    driver = Driver(run)
     with nullcontext() if lock_held else driver_lock(run, break_lock):
+        driver = Driver(run)
+        driver.detached = detached
         old = signal.signal(signal.SIGTERM, driver.request_stop)
         try:
             driver.run_all()
@@ -363,8 +582,8 @@ def run_eval_driver(run: RunDir, iterations: list[int], benchmarks: list[str], b
                     lock_held: bool = False) -> None:
     """`silmm eval`: the eval stage of the given iterations and benchmarks on an existing run, through the
     run's executor, submitting only what is missing (under the run's driver lock)."""
-    driver = Driver(run)
     with nullcontext() if lock_held else driver_lock(run, break_lock):
+        driver = Driver(run)
         old = signal.signal(signal.SIGTERM, driver.request_stop)
         try:
             if 0 in iterations:
@@ -379,6 +598,28 @@ def run_eval_driver(run: RunDir, iterations: list[int], benchmarks: list[str], b
 
 
 # ------------------------------------------------------------------------------------------ detach
+@contextmanager
+def driver_log(path: Path) -> Iterator[None]:
+    """The detached driver logs what the foreground one prints (submissions, retries, times) to `path`, and
+    to stderr (submitit's job log)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.FileHandler(path), logging.StreamHandler(sys.stderr)]
+    root = logging.getLogger()
+    saved = root.level
+    root.setLevel(logging.INFO)
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    try:
+        yield
+    finally:
+        root.setLevel(saved)
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+
+
 @dataclass
 class DetachedDriver(submitit.helpers.Checkpointable):
     """The driver as a small Slurm job that resubmits itself before its time limit."""
@@ -391,21 +632,42 @@ class DetachedDriver(submitit.helpers.Checkpointable):
         from silmm import config as C
 
         cfg = C.load(self.config_path, self.overrides, self.profiles)
-        # the lock before the config is written; a requeued driver takes over its own predecessor's lock
-        with driver_lock(RunDir.prepare(cfg), break_lock=True):
-            run = RunDir.create_or_open(cfg)
-            run_driver(run, lock_held=True)
+        run_path = RunDir.location(cfg)
+        with driver_log(run_path / "logs" / "driver.log"):
+            job = os.environ.get("SLURM_JOB_ID", "")
+            log.info("detached driver: Slurm job %s (restart %s) on %s", job,
+                     os.environ.get("SLURM_RESTART_COUNT", "0"), socket.gethostname())
+            try:
+                # the lock before the config is written; a requeued driver takes over its own predecessor's lock
+                with driver_lock(RunDir.prepare(cfg), break_lock=True):
+                    run = RunDir.create_or_open(cfg)
+                    if job:
+                        record_driver_job(run, job, host=socket.gethostname(), started=_now())
+                    run_driver(run, lock_held=True, detached=True)
+            except DriverError as exc:
+                log.error("%s", exc)
+                if cancel_requested(RunDir.open(run_path)):  # an accurate last line, not a traceback
+                    return f"silmm driver cancelled: {exc}"
+                raise
+            log.info("detached driver: run %s finished", run_path)
         return str(run.path)
 
 
 def submit_detached(run: RunDir, config_path: str, overrides: list[str], profiles: list[str] = ()) -> str:
+    """The driver as a Slurm job with `executor.stages.driver`'s resources (its time capped at a day: it
+    resubmits itself); its job id goes to driver_job.json for `silmm status` and `silmm cancel`."""
+    from silmm.executors import slurm_parameters
+
     res = run.config.resources("driver")
-    ex = submitit.AutoExecutor(folder=run.logs_dir / "submitit" / "driver", cluster="slurm")
-    ex.update_parameters(timeout_min=min(res.time_min, DRIVER_TIME_CAP_MIN), slurm_partition=res.partition,
-                         slurm_account=res.account, slurm_qos=res.qos, cpus_per_task=1, mem_gb=2,
-                         slurm_job_name=f"silmm-driver-{run.config.run.name}", slurm_setup=list(res.setup),
-                         slurm_signal_delay_s=run.config.executor.signal_delay_s)
+    ex = submitit.SlurmExecutor(folder=run.logs_dir / "submitit" / "driver")
+    params = slurm_parameters(res, f"silmm-driver-{run.config.run.name}", run.config.executor.signal_delay_s)
+    params.pop("gpus_per_node", None)  # one process that computes nothing
+    params.pop("array_parallelism", None)
+    params.update(nodes=1, ntasks_per_node=1, time=min(res.time_min, DRIVER_TIME_CAP_MIN))
+    ex.update_parameters(**params)
     with _without_process_group_env():  # sbatch exports this environment to the driver, and it to its jobs
         job = ex.submit(DetachedDriver(str(Path(config_path).resolve()), list(overrides),
                                        [str(Path(p).resolve()) for p in profiles]))
+    record_driver_job(run, str(job.job_id), submitted=_now(), log=str(run.logs_dir / "driver.log"),
+                      cpus=res.cpus_per_task, mem_gb=res.mem_gb, time_min=params["time"])
     return str(job.job_id)

@@ -162,6 +162,9 @@ def verify_run(run: RunDir) -> list[tuple[Path, str]]:
             problems.append((f, f"bad: {problem}"))
     for f in sorted(run.path.rglob(".*.tmp-*")):
         problems.append((f, "temporary: left by an interrupted write"))
+    for f in sorted(run.path.rglob("*.lease")):
+        problems.append((f, "lease: a task is writing this output, or was killed while it did (the next task "
+                            "takes a dead holder's lease over)"))
     for f in sorted(run.path.rglob("*.bad-*")):
         problems.append((f, "moved aside: found bad and replaced; inspect it, then delete it"))
     return problems

@@ -62,13 +62,11 @@ class RunDir:
     def create_or_open(cls, cfg: C.SilmmConfig) -> RunDir:
         """Create the run `cfg` names (config.yaml, state.json) or re-open it, writing the keys that may
         change (:meth:`check_reopen`). A driver should hold the run's lock: this writes."""
-        path = cls.location(cfg)
-        if (path / "config.yaml").is_file():
-            run = cls.open(path)
+        run = cls.prepare(cfg)
+        if (run.path / "config.yaml").is_file():
             run._accept(cfg)
             return run
-        path.mkdir(parents=True, exist_ok=True)
-        digest = C.config_hash(cfg)
+        path, digest = run.path, run.config_hash
         atomic_write_text(path / "config.yaml", C.to_yaml(cfg))
         state = {"config_hash": digest, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "silmm_version": __version__, "done": {}}
@@ -92,7 +90,8 @@ class RunDir:
 
     def check_reopen(self, new: C.SilmmConfig) -> dict[str, tuple[Any, Any]]:
         """The keys in which `new` differs from the run's config; ConfigError when one of them could change
-        the run's results. Writes nothing."""
+        the run's results. Writes nothing (but gives `new` the run's own relative paths, see keep_run_paths)."""
+        C.keep_run_paths(self.config, new)
         diffs = C.differing_keys(self.config, new)
         fixed = {k: v for k, v in diffs.items() if not C.is_mutable_key(k)}
         if fixed:

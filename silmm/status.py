@@ -5,28 +5,38 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 
-from silmm.driver import STAGE_ORDER, JobBook
+from silmm.driver import STAGE_ORDER, JobBook, read_driver_job, request_cancel
 from silmm.inspection import stage_status
+from silmm.lease import SLURM_ACTIVE, process_alive, slurm_state, slurm_states
+from silmm.progress import record_path, stage_line
 from silmm.rundir import RunDir
+from silmm.tasks import StageTask, log_path
 
 
-def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """job id -> state from sacct (accounting) or squeue; {} where Slurm is not installed."""
-    if not job_ids or not shutil.which("sacct"):
-        return {}
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(set(job_ids)))],
-                         capture_output=True, text=True, check=False)
-    states = {}
-    for line in out.stdout.splitlines():
-        if "|" in line:
-            jid, state = line.split("|", 1)
-            states[jid] = state.split()[0]
-    return states
+def _slurm_state(states: dict[str, str], job_id: str, recorded: str) -> str:
+    """A recorded job's Slurm state (an unsplit array task answers through its array), else what was recorded."""
+    return states.get(job_id) or states.get(job_id.split("_")[0]) or recorded
+
+
+def _in_flight(state: str) -> bool:
+    """Submitted and not ended: the driver's pending/running, or a Slurm state that still runs or will run
+    again (REQUEUED, REQUEUE_HOLD, SUSPENDED, ... count as running/pending, not as failed)."""
+    return state.lower() in ("pending", "running") or state.upper() in SLURM_ACTIVE
+
+
+def _driver_job_line(run: RunDir) -> str | None:
+    """'driver job 123: RUNNING (log ...)' for a detached run (driver_job.json), else None."""
+    info = read_driver_job(run)
+    if not info:
+        return None
+    state = slurm_state(str(info["job_id"])) or "unknown to Slurm (long finished?)"
+    return f"driver job {info['job_id']}: {state}  log {info.get('log', run.logs_dir / 'driver.log')}"
 
 
 def _stats_seconds(run: RunDir, iteration: int, stage: str) -> list[float]:
@@ -48,6 +58,12 @@ def describe_status(run: RunDir) -> str:
     lock = run.path / "driver.lock"
     if lock.is_file():
         lines.append(f"driver: {lock.read_text().strip()}")
+    driver_job = _driver_job_line(run)
+    if driver_job:
+        lines.append(driver_job)
+    pretraining = _progress_text(run, 0, "pretrain", [False]) if run.config.toy.enabled else ""
+    if pretraining:  # the toy LMM's pretraining, before iteration 1
+        lines.append(f"pretrain {pretraining.strip()}")
     for it in range(1, run.config.run.iterations + 1):
         lines.append(f"iter_{it:02d}")
         for stage in STAGE_ORDER:
@@ -60,20 +76,35 @@ def describe_status(run: RunDir) -> str:
             running = failed = 0
             jobs = []
             for e in entries.values():
-                state = sl.get(str(e["job_id"]), e["state"]) if e.get("kind") == "slurm" else e["state"]
-                running += state.lower() in ("running", "pending")
+                state = _slurm_state(sl, str(e["job_id"]), e["state"]) if e.get("kind") == "slurm" else e["state"]
+                running += _in_flight(state)
                 failed += state.lower() in ("failed", "cancelled", "timeout", "out_of_memory", "node_fail")
                 if e.get("job_id") and state.lower() not in ("done", "completed"):
                     jobs.append(f"{e['job_id']}:{state}")
             secs = _stats_seconds(run, it, stage)
-            eta = ""
-            if secs and done < expected:
+            # a running stage: units done of total, rate and ETA from its tasks' records; else the serial guess
+            eta = _progress_text(run, it, stage, [s in st.done for s in _shard_files(run, it, stage, expected)]
+                                 if stage != "train" else [bool(done)])
+            if not eta and secs and done < expected:
                 eta = f"  ~{sum(secs) / len(secs):.0f}s/task, eta {(expected - done) * sum(secs) / len(secs):.0f}s serial"
             missing = max(expected - done - running, 0)
             lines.append(f"  {stage:9s} done {done}/{expected}  running {running}  failed {failed}  missing {missing}"
                          f"{eta}{'  jobs ' + ' '.join(jobs[:8]) if jobs else ''}")
     lines += _eval_status(run)
     return "\n".join(lines)
+
+
+def _shard_files(run: RunDir, iteration: int, stage: str, expected: int) -> list[Path]:
+    """Where each shard's output lands (stage_status lists those done)."""
+    if stage == "pairs":
+        return [run.pairs_path(iteration)]
+    return [run.shard_path(iteration, stage, s) for s in range(expected)]
+
+
+def _progress_text(run: RunDir, iteration: int, stage: str, complete: list[bool]) -> str:
+    """"  120/512 prompts, 3.2 prompts/s, eta 02:03" while a task of the stage runs (silmm.progress), else ""."""
+    paths = [record_path(log_path(run, StageTask(str(run.path), iteration, stage, s))) for s in range(len(complete))]
+    return stage_line(paths, complete)
 
 
 def _eval_status(run: RunDir) -> list[str]:
@@ -101,29 +132,62 @@ def _eval_status(run: RunDir) -> list[str]:
     return lines
 
 
-def cancel(run: RunDir) -> list[str]:
-    """Cancel every job the driver submitted that has not finished, and stop the driver if it runs here."""
+def cancel(run: RunDir, wait_s: float | None = None) -> list[str]:
+    """Stop the run: the driver first (so it submits nothing more), then every job it submitted that Slurm
+    still runs or queues (REQUEUED included; arrays by their base id) and its local jobs on this host.
+    A process on another host is never signalled from here: the line says what to run there. The run
+    stays as it is on disk, so the next `silmm run` resumes it (the cancelled tasks' leases are stale and
+    taken over). Returns one line per action."""
+    request_cancel(run)  # the driver reads it: its SIGTERM is a cancel, not a preemption
+    done = _stop_driver(run)
+    if (run.path / "driver.lock").exists():  # its last submissions must be in jobs.json before it is read
+        # a driver on another host stops too: it sees the cancel request at its next poll
+        _wait_for_driver(run, wait_s if wait_s is not None else 2 * run.config.executor.poll_interval_s + 15)
     book = JobBook.load(run).entries
-    cancelled = []
-    slurm_ids = sorted({str(e["job_id"]).split("_")[0] for e in book.values()
-                        if e.get("kind") == "slurm" and e.get("job_id") and e["state"] in ("pending", "running")})
-    if slurm_ids and shutil.which("scancel"):
-        subprocess.run(["scancel", *slurm_ids], check=False)
-        cancelled += [f"slurm job {j}" for j in slurm_ids]
+    here = socket.gethostname()
+    slurm_ids = [str(e["job_id"]) for e in book.values() if e.get("kind") == "slurm" and e.get("job_id")]
+    states = slurm_states(slurm_ids)
+    live = sorted({j.split("_")[0] for j in slurm_ids if _slurm_state(states, j, "") in SLURM_ACTIVE}, key=int)
+    if live:
+        subprocess.run(["scancel", *live], check=False)
+        done += [f"slurm job {j}" for j in live]
     for e in book.values():
-        if e.get("kind") == "local" and e["state"] in ("pending", "running") and str(e.get("job_id", "")).isdigit():
-            try:
-                os.kill(int(e["job_id"]), signal.SIGINT)  # as submitit's LocalJob.cancel: jobs ignore SIGTERM
-                cancelled.append(f"local job {e['job_id']}")
-            except ProcessLookupError:
-                pass
-    lock = Path(run.path / "driver.lock")
-    if lock.is_file():
-        info = json.loads(lock.read_text())
-        try:
-            os.kill(int(info["pid"]), signal.SIGTERM)
-            cancelled.append(f"driver pid {info['pid']}")
-        except (ProcessLookupError, PermissionError, KeyError, ValueError):
-            pass
-    return cancelled
+        jid = str(e.get("job_id", ""))
+        if e.get("kind") != "local" or e.get("state") not in ("pending", "running") or not jid.isdigit():
+            continue
+        if e.get("host", here) != here:
+            done.append(f"local job {jid} runs on {e['host']}: not signalled from here; run there: kill -INT {jid}")
+        elif process_alive(int(jid), e.get("pid_start")):
+            os.kill(int(jid), signal.SIGINT)  # as submitit's LocalJob.cancel: its jobs ignore SIGTERM
+            done.append(f"local job {jid}")
+    return done
 
+
+def _stop_driver(run: RunDir) -> list[str]:
+    """scancel a detached driver's job; SIGTERM a driver process on this host; for one on another host,
+    say what to run there."""
+    done = []
+    job = read_driver_job(run)
+    job_live = bool(job) and (slurm_state(str(job["job_id"])) or "") in SLURM_ACTIVE
+    if job_live:
+        subprocess.run(["scancel", str(job["job_id"])], check=False)
+        done.append(f"driver job {job['job_id']}")
+    lock = run.path / "driver.lock"
+    try:
+        info = json.loads(lock.read_text())
+        pid, host = int(info["pid"]), str(info["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return done
+    if host == socket.gethostname():
+        if process_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            done.append(f"driver pid {pid}")
+    elif not job_live:  # scancel reaches a detached driver wherever it runs; another process is not ours to signal
+        done.append(f"driver pid {pid} runs on {host}: not signalled from here; run there: kill -TERM {pid}")
+    return done
+
+
+def _wait_for_driver(run: RunDir, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while (run.path / "driver.lock").exists() and time.time() < deadline:
+        time.sleep(0.2)

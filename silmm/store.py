@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 
 from silmm import __version__
+from silmm.lease import foreign_holder, lease_path
 
 log = logging.getLogger(__name__)
 
@@ -712,7 +713,16 @@ class ShardWriter:
         self._order: list[int] = []
         self._load_progress()
 
+    def _check_lease(self) -> None:
+        """A writer deletes temporary and progress files only when it holds the shard's lease (a stage task)
+        or nobody leases the shard (a writer used on its own): never another writer's files."""
+        holder = foreign_holder(self.path)
+        if holder is not None:
+            raise ShardError(f"{self.path}: being written by {holder.describe()} ({holder.task}); its lease is "
+                             f"{lease_path(self.path)}")
+
     def _load_progress(self) -> None:
+        self._check_lease()
         if not self.progress_dir.is_dir():
             return
         for tmp in self.progress_dir.glob(".*.tmp-*"):
@@ -772,6 +782,7 @@ class ShardWriter:
                                verify_checksums=True, options=self.options)
             records.append(shard.data)
         data = concat_records(self.meta.stage, records, str(self.path))
+        self._check_lease()  # a takeover may have happened meanwhile: then the progress is not ours to drop
         write_shard(self.path, self.meta, data, self.options)
         shutil.rmtree(self.progress_dir, ignore_errors=True)
         return self.path

@@ -24,8 +24,11 @@ from typing import Any, TypeVar
 import submitit
 from tqdm import tqdm
 
+from silmm import lease
 from silmm.eval.results import eval_dir, is_current, results_path
+from silmm.executors import set_task_threads
 from silmm.fsutil import atomic_write_text, manifest_problem
+from silmm.progress import BAR_FORMAT, recording, task_recorder
 from silmm.rundir import MODEL_DONE, SHARD_STAGES, RunDir
 from silmm.store import Shard, ShardMeta, ShardWriter, StoreOptions, quarantine, read_shard, validate_shard
 
@@ -160,6 +163,8 @@ def log_path(run: RunDir, task: StageTask, rank: int = 0) -> Path:
 
 @contextmanager
 def task_log(path: Path) -> Iterator[None]:
+    global _active_writer
+    _active_writer = None  # one left by an earlier task of this process (debug executor) is not this task's
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -168,32 +173,54 @@ def task_log(path: Path) -> Iterator[None]:
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     try:
-        yield
+        with recording(path):  # the task's progress records go beside its log (silmm.progress)
+            yield
     finally:
         root.removeHandler(handler)
         handler.close()
 
 
 def run_task(task: StageTask) -> dict[str, Any]:
+    set_task_threads()  # first: the task's allocated CPUs, the same on every executor (bit-identical shards)
     run = RunDir.open(task.run_dir)
     out = output_path(run, task)
-    if settle(run, task):  # done; a damaged output is moved aside and regenerated
+    if is_done(run, task):  # a damaged output is moved aside below, under the lease: its writer may be alive
         log.info("%s: already complete at %s, skipping", task.name, out)
         return {"task": task.name, "skipped": True, "output": str(out)}
     job = importlib.import_module(f"jobs.{task.stage}")
     rank = task_rank()
-    with task_log(log_path(run, task, rank)):
-        env = {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
-                                          "SLURM_RESTART_COUNT") if k in os.environ}
-        log.info("%s: start on %s %s -> %s", task.name, socket.gethostname(), env, out)
-        t0 = time.time()
-        kwargs = {"benchmark": task.benchmark} if task.benchmark else {}
-        stats = job.run(run, task.iteration, task.shard, **kwargs)
-        stats.update(task=task.name, output=str(out), seconds=round(time.time() - t0, 3),
-                     host=socket.gethostname(), **env)
-        if rank == 0:
-            atomic_write_text(log_path(run, task).with_suffix(".stats.json"), json.dumps(stats, indent=2) + "\n")
-        log.info("%s: done in %.1f s: %s", task.name, stats["seconds"], stats)
+    target = out.parent if task.stage in ("train", "pretrain") else out  # a model directory is one unit
+    try:  # one writer per output: rank 0 takes the lease, the other ranks of its job work under it
+        held = lease.lease(target, task.name) if rank == 0 else _job_lease(target)
+        with held, task_log(log_path(run, task, rank)):
+            return _run_leased(run, task, job, out, rank)
+    except lease.LeaseHeld as exc:  # not a failure: the driver waits for the holder
+        log.warning("%s: not started, another writer holds its output: %s", task.name, exc)
+        return {"task": task.name, "held_by": exc.holder.describe(), "lease": str(exc.path), "output": str(out)}
+
+
+@contextmanager
+def _job_lease(target: Path) -> Iterator[None]:
+    lease.wait_for_job_lease(target)
+    yield
+
+
+def _run_leased(run: RunDir, task: StageTask, job: Any, out: Path, rank: int) -> dict[str, Any]:
+    """The task's work, under the lease of its output."""
+    if (settle(run, task) if rank == 0 else is_done(run, task)):  # completed by the lease's earlier holder
+        log.info("%s: completed by an earlier writer at %s, skipping", task.name, out)
+        return {"task": task.name, "skipped": True, "output": str(out)}
+    env = {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+                                      "SLURM_RESTART_COUNT") if k in os.environ}
+    log.info("%s: start on %s %s -> %s", task.name, socket.gethostname(), env, out)
+    t0 = time.time()
+    kwargs = {"benchmark": task.benchmark} if task.benchmark else {}
+    stats = job.run(run, task.iteration, task.shard, **kwargs)
+    stats.update(task=task.name, output=str(out), seconds=round(time.time() - t0, 3),
+                 host=socket.gethostname(), **env)
+    if rank == 0:
+        atomic_write_text(log_path(run, task).with_suffix(".stats.json"), json.dumps(stats, indent=2) + "\n")
+    log.info("%s: done in %.1f s: %s", task.name, stats["seconds"], stats)
     return stats
 
 
@@ -220,14 +247,29 @@ def open_writer(run: RunDir, iteration: int, stage: str, shard: int, shard_count
     return writer
 
 
-def progress(items: Iterable[T], total: int, desc: str, enabled: bool = True) -> Iterator[T]:
-    """tqdm on a terminal, plus a log line with counts and rate every ~10% for batch logs."""
-    t0 = time.time()
+def progress(items: Iterable[T], total: int, desc: str, enabled: bool = True, unit: str = "prompts") -> Iterator[T]:
+    """Iterate ``items`` (``total`` of them) and say how far the task is: its progress record (silmm.progress:
+    the driver's live bar and `silmm status` read it), a log line every ~10% of the items (batch logs; the
+    debug executor's console), and tqdm on a terminal when ``enabled``. An item that is a list or tuple (a
+    batch of prompts) counts as its length in ``unit``s; what the shard's writer already holds (a resumed
+    task) counts as done, so the figures go on from where an earlier attempt stopped."""
+    items = list(items)
+    units = [len(x) if isinstance(x, (list, tuple)) else 1 for x in items]
+    writer = _active_writer
+    earlier = len(writer.done) if writer is not None else 0
+    record = task_recorder(unit, earlier + sum(units), earlier)
     step = max(total // 10, 1)
-    bar = tqdm(items, total=total, desc=desc, disable=not enabled or not os.isatty(2), mininterval=2.0)
-    for i, item in enumerate(bar, 1):
-        yield item
-        if i % step == 0 or i == total:
-            rate = i / max(time.time() - t0, 1e-9)
-            log.info("%s: %d/%d (%.2f/s, eta %.0f s)", desc, i, total, rate, (total - i) / max(rate, 1e-9))
-
+    bar = tqdm(total=record.total, initial=earlier, desc=desc, unit=f" {unit}", mininterval=2.0,
+               disable=not enabled or not os.isatty(2), bar_format=BAR_FORMAT)
+    try:
+        for i, (item, n) in enumerate(zip(items, units, strict=True), 1):
+            yield item
+            record.update(record.done + n)
+            bar.update(n)
+            if i % step == 0 or i == total:
+                rate = record.rate(time.time())
+                eta = tqdm.format_interval((record.total - record.done) / rate) if rate else "?"
+                log.info("%s: %d/%d (%d/%d %s, %.3g %s/s, eta %s)", desc, i, total, record.done, record.total,
+                         unit, rate or 0.0, unit, eta)
+    finally:
+        bar.close()

@@ -41,6 +41,10 @@
 #                              (and SLURM_LOCAL_LINK_ETC=0).
 #   SLURM_LOCAL_CRED_EXPIRE=10 seconds; a requeued job waits this long before it may run
 #                              again (Slurm's default is 120).
+#   SLURM_LOCAL_MAX_ARRAY_SIZE=100000  MaxArraySize: array indices must be below it (real
+#                              clusters often have 1001); a small value tests array splitting.
+#   SLURM_LOCAL_MAX_JOB_COUNT=100000   MaxJobCount: jobs slurmctld holds at once.
+#   SLURM_LOCAL_JOB_REQUEUE=1  JobRequeue: 0 makes jobs non-requeueable unless they ask (--requeue).
 #   SLURM_LOCAL_LINK_ETC=1     symlink /etc/slurm/slurm.conf -> BASE/etc/slurm.conf (only if
 #                              that path is absent or already a symlink). 0: leave /etc alone.
 #   SLURM_LOCAL_SKIP_INSTALL=0 1: never call apt-get; exit 3 if a package is missing.
@@ -69,6 +73,12 @@ CLUSTER=${SLURM_LOCAL_CLUSTER:-localcluster}
 CRED_EXPIRE=${SLURM_LOCAL_CRED_EXPIRE:-10}
 LINK_ETC=${SLURM_LOCAL_LINK_ETC:-1}
 SKIP_INSTALL=${SLURM_LOCAL_SKIP_INSTALL:-0}
+MAX_ARRAY_SIZE=${SLURM_LOCAL_MAX_ARRAY_SIZE:-100000}
+MAX_JOB_COUNT=${SLURM_LOCAL_MAX_JOB_COUNT:-100000}
+JOB_REQUEUE=${SLURM_LOCAL_JOB_REQUEUE:-1}
+for limit in "$MAX_ARRAY_SIZE" "$MAX_JOB_COUNT" "$JOB_REQUEUE"; do
+  [[ "$limit" =~ ^[0-9]+$ ]] || { echo "SLURM_LOCAL_MAX_ARRAY_SIZE, _MAX_JOB_COUNT, _JOB_REQUEUE: numbers, got '$limit'" >&2; exit 2; }
+done
 NODE=localhost  # NodeName/SlurmctldHost; works whatever the machine's hostname is
 
 CTLD_PORT=$PORT_BASE
@@ -226,8 +236,9 @@ SchedulerParameters=batch_sched_delay=0,bf_interval=1,sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=$DEF_MEM
-MaxArraySize=100000
-MaxJobCount=100000
+MaxArraySize=$MAX_ARRAY_SIZE
+MaxJobCount=$MAX_JOB_COUNT
+JobRequeue=$JOB_REQUEUE
 MinJobAge=300
 KillWait=5
 InactiveLimit=0

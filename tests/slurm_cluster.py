@@ -20,9 +20,12 @@ run next to a cluster started by hand, and does not touch /etc/slurm.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +98,60 @@ def _stop(base: Path, *, purge: bool) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         args, env=_script_env(base), capture_output=True, text=True, timeout=300, check=False
     )
+
+
+_LIMIT_KEYS = {"max_array_size": "MaxArraySize", "max_job_count": "MaxJobCount", "job_requeue": "JobRequeue"}
+
+
+@contextmanager
+def cluster_limits(cluster: SlurmCluster, **limits: int) -> Iterator[None]:
+    """The running cluster with other limits (max_array_size, max_job_count, job_requeue) for the duration,
+    then the recorded ones again: slurm.conf rewritten and slurmctld alone restarted (~4 s until the node is
+    back; queued and running jobs survive in its state). `scontrol reconfigure` is not enough: it shows a new
+    MaxArraySize but keeps enforcing the old one (Slurm 22.05). Starting a cluster with other limits instead:
+    SLURM_LOCAL_MAX_ARRAY_SIZE etc. (start_local_slurm.sh)."""
+    original = cluster.conf.read_text()
+    text = original
+    for key, value in limits.items():
+        name = _LIMIT_KEYS[key]
+        text, n = re.subn(rf"^{name}=.*$", f"{name}={int(value)}", text, flags=re.MULTILINE)
+        assert n == 1, f"{cluster.conf}: no {name} line"
+    _restart_slurmctld(cluster, text)
+    try:
+        yield
+    finally:
+        _restart_slurmctld(cluster, original)
+
+
+def _restart_slurmctld(cluster: SlurmCluster, conf_text: str) -> None:
+    env = dict(os.environ, PATH=_SBIN_PATH, SLURM_CONF=str(cluster.conf))
+    pid_file = cluster.base / "run" / "slurmctld.pid"
+    pid = int(pid_file.read_text().strip())
+    cluster.conf.write_text(conf_text)
+    subprocess.run(["scontrol", "shutdown", "slurmctld"], env=env, check=True, capture_output=True, timeout=60)
+    _wait(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in _proc_state(pid), 60, "slurmctld to stop")
+    subprocess.run(["slurmctld"], env=env, check=True, capture_output=True, timeout=60)
+
+    def node_ready() -> bool:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout.split()
+        return bool(out) and out[0] in ("idle", "mix", "alloc")
+
+    _wait(node_ready, 60, "the node to register again")
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
+def _wait(ready, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        if time.time() > deadline:
+            raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -116,7 +116,8 @@ def test_cancel_stops_the_driver_and_its_local_jobs(tiny_checkpoints, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0 and f"local job {job_pid}" in proc.stdout and "driver pid" in proc.stdout
     _, err = driver.communicate(timeout=60)
-    assert driver.returncode == 1 and "driver stopped by a signal" in err
+    assert driver.returncode == 1 and "driver stopped: the run was cancelled (silmm cancel on" in err
+    assert "the next `silmm run` resumes it" in err
     deadline = time.time() + 30
     while time.time() < deadline and os.path.exists(f"/proc/{job_pid}") and \
             open(f"/proc/{job_pid}/stat").read().split()[2] != "Z":
@@ -124,3 +125,73 @@ def test_cancel_stops_the_driver_and_its_local_jobs(tiny_checkpoints, tmp_path):
     assert not os.path.exists(f"/proc/{job_pid}") or open(f"/proc/{job_pid}/stat").read().split()[2] == "Z"
     assert not (tmp_path / "c" / "driver.lock").exists()
     assert not (tmp_path / "c" / "iter_01" / "samples" / "shard_00000.h5").exists()
+
+
+def test_driver_waits_for_a_lease_holder_then_runs_the_task(tiny_checkpoints, tmp_path, caplog):
+    """A task whose output another writer leases exits without failing; the driver waits for that writer
+    (here it dies holding the lease) and submits the task again, which takes the stale lease over."""
+    import logging
+    import time
+
+    from tests.test_lease import _holder_process
+
+    run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus", "executor.kind=debug", *FAST)
+    out = run.shard_path(1, "prompts", 0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    holder = _holder_process(out, 3)
+    caplog.set_level(logging.INFO, logger="silmm")
+    t0 = time.time()
+    Driver(run).run_stage(1, "prompts")
+    holder.wait()
+    assert time.time() - t0 >= 2  # it waited for the holder, it did not write beside it
+    assert f"being written by pid {holder.pid}" in caplog.text
+    assert all(S.is_complete(run.shard_path(1, "prompts", i)) for i in range(2))
+    entry = JobBook.load(run).entries["iter_01/prompts/00000"]
+    assert entry["state"] == "done" and entry["attempts"] == 1  # waiting is not a failed attempt
+
+
+def test_restarted_driver_adopts_a_live_local_job_and_corrects_ended_entries(tiny_checkpoints, tmp_path, caplog):
+    import logging
+
+    from silmm.driver import Tracked
+    from silmm.executors import make_executor
+    from silmm.tasks import StageTask, run_task
+
+    run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus", "executor.kind=local", *FAST)
+    task0, task1 = (StageTask(str(run.path), 1, "prompts", s) for s in range(2))
+    run_task(task1)
+    # what a killed driver leaves: shard 0's job still running, and shard 1 recorded as running although
+    # its process is long gone (and its shard finished)
+    job = make_executor(run, 1, "prompts").submit(task0)
+    book = JobBook.load(run)
+    book.record(Tracked(task0, job, attempts=1, state="running"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    book.entries["iter_01/prompts/00001"] = {**book.entries["iter_01/prompts/00000"], "job_id": str(dead.pid)}
+    book.save()
+    caplog.set_level(logging.INFO, logger="silmm")
+    driver = Driver(run)  # while the job's process starts: it is alive
+    assert JobBook.load(run).entries["iter_01/prompts/00001"]["state"] == "ended"  # no stale "running" entry
+    driver.run_stage(1, "prompts")
+    assert f"adopted local job {job.job_id}" in caplog.text and "task(s) as" not in caplog.text
+    entries = JobBook.load(run).entries
+    assert entries["iter_01/prompts/00000"]["job_id"] == job.job_id and entries["iter_01/prompts/00000"]["attempts"] == 1
+    assert {e["state"] for e in entries.values()} == {"done"}
+    assert all(S.is_complete(run.shard_path(1, "prompts", i)) for i in range(2))
+
+
+def test_status_counts_requeued_tasks_as_running_and_shows_the_driver_job(tiny_checkpoints, tmp_path, monkeypatch):
+    import silmm.status as ST
+    from silmm.driver import record_driver_job
+
+    run = tiny_run(tmp_path, tiny_checkpoints("janus"), "janus")
+    entry = {"job_id": "41_0", "state": "running", "attempts": 1, "kind": "slurm", "log": "x", "error": ""}
+    (run.path / "jobs.json").write_text(json.dumps({"iter_01/prompts/00000": entry,
+                                                    "iter_01/prompts/00001": {**entry, "job_id": "41_1"}}))
+    record_driver_job(run, "40", log="driver.log")
+    states = {"40": "RUNNING", "41_0": "REQUEUED", "41_1": "PENDING"}
+    monkeypatch.setattr(ST, "slurm_states", lambda ids: {i: states[i] for i in ids if i in states})
+    monkeypatch.setattr(ST, "slurm_state", lambda i: states.get(i))
+    text = describe_status(run)
+    assert "driver job 40: RUNNING" in text
+    assert "prompts   done 0/2  running 2  failed 0  missing 0" in text and "41_0:REQUEUED" in text

@@ -159,3 +159,105 @@ def test_detached_driver_runs_a_full_iteration_with_two_task_training(slurm_clus
     assert len(losses(run)) == 3
     np_losses = list(zip(losses(run), losses(local), strict=True))
     assert all(abs(a - b) < 1e-5 for a, b in np_losses), np_losses
+
+
+def _our_jobs(name_part: str, since: str) -> dict[str, str]:
+    """JobID -> JobName of the jobs (arrays as one line each task) whose name holds `name_part`, per sacct."""
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-S", since, "-o", "JobID,JobName%200"], capture_output=True,
+                         text=True, check=True).stdout
+    return {jid: name for jid, name in (line.split("|", 1) for line in out.splitlines() if "|" in line)
+            if name_part in name}
+
+
+def test_killed_driver_restarted_adopts_the_running_array(slurm_cluster, tiny_checkpoints, tmp_path, caplog):
+    """SIGKILL the driver while the samples array runs; a new driver adopts the array (no second submission
+    of those shards) and the shards equal an uninterrupted run's."""
+    import logging
+    import uuid
+
+    from silmm.rundir import RunDir
+
+    ckpt = tiny_checkpoints("janus")
+    name = f"adopt{uuid.uuid4().hex[:6]}"
+    args = [f"run.root={tmp_path}", f"run.name={name}", f"model.path={ckpt}", *PROFILE, "prompts.count=4",
+            "sharding.prompts_per_shard=2", "sampling.samples_per_prompt=4", "sampling.batch_size=2",
+            "questions.max_new_tokens=12"]
+    since = time.strftime("%Y-%m-%dT%H:%M:%S")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen([sys.executable, "-m", "silmm", "run", "configs/tiny_discrete.yaml", *args], cwd=ROOT,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    book_path = tmp_path / name / "jobs.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and driver.poll() is None:
+        if book_path.exists() and '"iter_01/samples/00001"' in book_path.read_text():
+            break
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)  # the samples array is submitted, its tasks are starting
+    driver.wait()
+    run = RunDir.open(tmp_path / name)
+    before = {k: e["job_id"] for k, e in JobBook.load(run).entries.items() if "/samples/" in k}
+    assert len(before) == 2
+    caplog.set_level(logging.INFO, logger="silmm")
+    Driver(run).run_stage(1, "samples")
+    assert "adopted slurm job" in caplog.text and "task(s) as" not in caplog.text
+    after = JobBook.load(run).entries
+    assert {k: e["job_id"] for k, e in after.items() if "/samples/" in k} == before
+    assert all(after[k]["state"] == "done" and after[k]["attempts"] == 1 for k in before)
+    samples_jobs = [j for j, n in _our_jobs(name, since).items() if "samples" in n]
+    assert sorted(samples_jobs) == sorted(before.values())  # sacct: the shards were submitted once
+    # the same shards an uninterrupted run writes (in this process: the same config, the same seeds)
+    from silmm import config as C
+
+    ref = RunDir.create_or_open(C.load(ROOT / "configs" / "tiny_discrete.yaml", [*args, f"run.root={tmp_path / 'ref'}"]))
+    assert ref.config_hash == run.config_hash
+    for shard in range(2):
+        for stage in ("prompts", "questions", "samples"):
+            run_task(StageTask(str(ref.path), 1, stage, shard))
+        assert shard_content(run.shard_path(1, "samples", shard)) == shard_content(ref.shard_path(1, "samples", shard))
+    assert not list((tmp_path / name).rglob("*.lease"))
+
+
+def test_cancel_of_a_detached_run_empties_the_queue_and_the_next_run_resumes(slurm_cluster, tiny_checkpoints,
+                                                                            tmp_path):
+    import json
+    import uuid
+
+    from silmm.rundir import RunDir
+
+    name = f"cancel{uuid.uuid4().hex[:6]}"
+    args = [f"run.root={tmp_path}", f"run.name={name}", f"model.path={tiny_checkpoints('janus')}", *PROFILE,
+            "prompts.count=4", "sharding.prompts_per_shard=2", "sampling.samples_per_prompt=4",
+            "sampling.batch_size=2", "questions.max_new_tokens=12", "executor.stages.driver.mem_gb=1.5"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "silmm", "run", "configs/tiny_discrete.yaml", *args, "--detach"],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    run_path = tmp_path / name
+    driver_job = json.loads((run_path / "driver_job.json").read_text())["job_id"]
+    assert driver_job in proc.stdout
+    sbatch = next((run_path / "logs" / "submitit" / "driver").glob(f"{driver_job}_submission.sh")).read_text()
+    assert "--mem=1536M" in sbatch  # executor.stages.driver, not a hard-coded 2 GB
+    book_path = run_path / "jobs.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (book_path.exists() and "/questions/" in book_path.read_text()):
+        time.sleep(0.2)
+    run = RunDir.open(run_path)
+    assert f"driver job {driver_job}: RUNNING" in describe_status(run)
+    proc = subprocess.run([sys.executable, "-m", "silmm", "cancel", str(run_path)], cwd=ROOT, capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0 and f"driver job {driver_job}" in proc.stdout, proc.stdout + proc.stderr
+    ids = {driver_job, *(e["job_id"].split("_")[0] for e in JobBook.load(run).entries.values())}
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True).stdout
+        if not queued.strip():
+            break
+        time.sleep(1)
+    assert not queued.strip(), queued
+    log = (run_path / "logs" / "driver.log").read_text()
+    assert "submitted" in log and "the run was cancelled (silmm cancel on" in log  # its own log, and why it ended
+    assert not (run_path / "driver.lock").exists()
+    # the next run resumes: the cancelled tasks' leases are stale and taken over
+    Driver(run).run_stage(1, "prompts")
+    Driver(run).run_stage(1, "questions")
+    assert verify_run(run) == [] and not list(run_path.rglob("*.lease"))

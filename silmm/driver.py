@@ -330,7 +330,8 @@ class Driver:
         clear_cancel(run)  # a driver starts: an earlier `silmm cancel` is over
         self.book = JobBook.load(run)
         self._live = recorded_job_states(self.book)  # recorded jobs still running or queued: adopted, not resubmitted
-        self.book.save()
+        if self.book.entries:  # corrected entries; a run nothing was submitted for gets no jobs.json yet
+            self.book.save()
         self.status_stream = status_stream
         self._stop = False
         self.detached = False  # a detached driver ignores a bare SIGTERM (preemption): see request_stop

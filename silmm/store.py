@@ -400,6 +400,41 @@ def _open(path: Path, mode: str, options: StoreOptions) -> h5py.File:
     return h5py.File(path, mode, locking=options.file_locking)
 
 
+def _row_chunks(col: Column, inner: tuple[int, ...], options: StoreOptions) -> dict[str, Any]:
+    """One chunk per row of a matrix column (a reader can fetch any sample's features alone), compressed."""
+    kwargs: dict[str, Any] = {"chunks": (1, *inner)}
+    if options.compression == "gzip":
+        kwargs.update(compression="gzip", compression_opts=options.compression_level, shuffle=True)
+    elif options.compression == "lzf":
+        kwargs.update(compression="lzf", shuffle=True)
+    return kwargs
+
+
+def _write_attrs(f: h5py.File, meta: ShardMeta, rows: Mapping[str, int], checksums: Mapping[str, int]) -> None:
+    a = f.attrs
+    a["schema_version"] = SCHEMA_VERSION
+    a["stage"] = meta.stage
+    a["iteration"] = meta.iteration
+    a["shard_index"] = meta.shard_index
+    a["shard_count"] = meta.shard_count
+    a["config_hash"] = meta.config_hash
+    a["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    a["silmm_version"] = __version__
+    a["row_counts"] = json.dumps(dict(rows), sort_keys=True)
+    a["checksums"] = json.dumps(dict(checksums), sort_keys=True)
+    a["extra"] = json.dumps(meta.extra, sort_keys=True)
+    a["attrs_checksum"] = _attrs_crc(dict(a))
+    f.flush()
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """fsync the finished temporary file, rename it to its final name, fsync the directory."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def write_shard(path: str | Path, meta: ShardMeta, data: Mapping[str, Any],
                 options: StoreOptions = StoreOptions()) -> Path:
     """Validate and write one shard atomically. Nothing exists at `path` until it is complete."""
@@ -415,42 +450,89 @@ def write_shard(path: str | Path, meta: ShardMeta, data: Mapping[str, Any],
                 if col.name not in arrays:
                     continue
                 arr = arrays[col.name]
-                kwargs: dict[str, Any] = {}
-                if col.inner and arr.shape[0] > 0:
-                    # one chunk per row: a reader can fetch any sample's features alone
-                    kwargs["chunks"] = (1, *arr.shape[1:])
-                    if options.compression == "gzip":
-                        kwargs.update(compression="gzip", compression_opts=options.compression_level, shuffle=True)
-                    elif options.compression == "lzf":
-                        kwargs.update(compression="lzf", shuffle=True)
+                kwargs = _row_chunks(col, arr.shape[1:], options) if col.inner and arr.shape[0] > 0 else {}
                 if arr.shape[0]:
                     # data= at creation: assigning equal-length vlen rows later fails to broadcast
                     f.create_dataset(col.name, data=arr, dtype=_h5_dtype(col), **kwargs)
                 else:
                     f.create_dataset(col.name, shape=arr.shape, dtype=_h5_dtype(col), **kwargs)
                 checksums[col.name] = _crc(arr, col.kind)
-            a = f.attrs
-            a["schema_version"] = SCHEMA_VERSION
-            a["stage"] = meta.stage
-            a["iteration"] = meta.iteration
-            a["shard_index"] = meta.shard_index
-            a["shard_count"] = meta.shard_count
-            a["config_hash"] = meta.config_hash
-            a["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            a["silmm_version"] = __version__
-            a["row_counts"] = json.dumps(rows, sort_keys=True)
-            a["checksums"] = json.dumps(checksums, sort_keys=True)
-            a["extra"] = json.dumps(meta.extra, sort_keys=True)
-            a["attrs_checksum"] = _attrs_crc(dict(a))
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+            _write_attrs(f, meta, rows, checksums)
+        _commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+class StreamWriter:
+    """Write one shard block by block, holding one block: for outputs too large for memory (pairs.h5 of a
+    continuous run holds every selected feature matrix). Each :meth:`append` is a mini table of the stage
+    (as a ShardWriter record); datasets grow as blocks arrive and checksums are updated as they are written,
+    so the shard equals :func:`write_shard` of the concatenated blocks. Nothing exists at ``path`` until
+    :meth:`finish`; an exception removes the temporary file::
+
+        with StreamWriter(path, meta, options) as w:
+            for block in blocks:
+                w.append(block)
+        # finished on a clean exit
+    """
+
+    def __init__(self, path: str | Path, meta: ShardMeta, options: StoreOptions = StoreOptions()):
+        self.path, self.meta, self.options = Path(path), meta, options
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.schema = SCHEMAS[meta.stage]
+        self.rows: dict[str, int] = {}
+        self.checksums: dict[str, int] = {}
+        self.file = _open(self.tmp, "w", options)
+
+    def append(self, block: Mapping[str, Any]) -> None:
+        arrays, rows = check_columns(self.meta.stage, block, str(self.path))
+        if self.checksums and set(arrays) != set(self.checksums):
+            raise ShardError(f"{self.path}: a block with columns {sorted(arrays)}, earlier blocks had "
+                             f"{sorted(self.checksums)}")
+        for col in self.schema.columns:
+            if col.name not in arrays:
+                continue
+            arr = arrays[col.name]
+            if col.name not in self.file:
+                chunks = _row_chunks(col, arr.shape[1:], self.options) if col.inner else {"chunks": (4096,)}
+                self.file.create_dataset(col.name, shape=(0, *arr.shape[1:]), maxshape=(None, *arr.shape[1:]),
+                                         dtype=_h5_dtype(col), **chunks)
+            dset = self.file[col.name]
+            if dset.shape[1:] != arr.shape[1:]:
+                raise ShardError(f"{self.path}: column '{col.name}' has rows of shape {arr.shape[1:]}, earlier "
+                                 f"blocks {dset.shape[1:]}")
+            start = dset.shape[0]
+            dset.resize(start + arr.shape[0], axis=0)
+            if col.kind == BYTES:  # one by one: equal-length byte rows would not broadcast
+                for i, v in enumerate(arr):
+                    dset[start + i] = v
+            elif arr.shape[0]:
+                dset[start:] = arr
+            self.checksums[col.name] = _crc(arr, col.kind, self.checksums.get(col.name, 0))
+        for kind, n in rows.items():
+            self.rows[kind] = self.rows.get(kind, 0) + n
+
+    def finish(self) -> Path:
+        _write_attrs(self.file, self.meta, self.rows, self.checksums)
+        self.file.close()
+        _commit(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> StreamWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
 
 
 # --------------------------------------------------------------------------------------- reading

@@ -47,3 +47,27 @@ def test_scores():
     assert -1 <= random_score(11) <= 1
     with pytest.raises(ValueError):
         vqa_score(np.array([]), np.array([]))
+
+
+def test_pairs_job_memory_does_not_grow_with_the_prompt_count(tmp_path, monkeypatch):
+    """Continuous pairs hold one block of selected feature matrices at a time: 4x the prompts (same shard
+    size) leaves the peak allocation where it was, while pairs.h5 grows 4x. (The old job stacked them all.)"""
+    import tracemalloc
+
+    import jobs.pairs as J
+    from bench.scale import synthetic_run
+    from silmm import store as S
+
+    monkeypatch.setattr(J, "BLOCK_BYTES", 1 << 20)  # blocks of a few prompts, so a shard is several blocks
+    peaks, sizes = [], []
+    for prompts in (16, 64):
+        run = synthetic_run(tmp_path / str(prompts), prompts, per_shard=8, samples=6, L=8, D=1024, top_k=2)
+        tracemalloc.start()
+        J.run(run, 1)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        pairs = S.read_shard(run.pairs_path(1), stage="pairs")
+        sizes.append(pairs["features"].nbytes)
+        assert pairs.rows("pairs") == prompts * 4 and pairs.rows("ref_rows") == prompts
+    assert sizes[1] == 4 * sizes[0] and sizes[0] > 1 << 20
+    assert peaks[1] < 1.25 * peaks[0], peaks

@@ -294,3 +294,20 @@ def test_schema_is_documented_in_shards_readme():
     assert S.schema_markdown() in readme, "regenerate the schema section: python -m silmm.store"
     for stage, schema in S.SCHEMAS.items():
         assert f"### {stage}" in readme and all(f"`{c.name}`" in readme for c in schema.columns)
+
+
+def test_stream_writer_equals_write_shard_of_the_concatenated_blocks(tmp_path):
+    blocks = [sample_record(pid, n=3, T=16) for pid in range(5)]
+    whole = S.write_shard(tmp_path / "whole" / "shard_00000.h5", META, S.concat_records("samples", blocks, "test"))
+    with S.StreamWriter(tmp_path / "stream" / "shard_00000.h5", META) as w:
+        for b in blocks:
+            w.append(b)
+    assert content(w.path) == content(whole)
+    streamed, written = S.read_shard(w.path).attrs, S.read_shard(whole).attrs
+    assert streamed["checksums"] == written["checksums"] and streamed["row_counts"] == written["row_counts"]
+    # an exception leaves nothing behind, under the final name or a temporary one
+    out = tmp_path / "failed" / "shard_00000.h5"
+    with pytest.raises(S.ShardError, match="earlier blocks"), S.StreamWriter(out, META) as w:
+        w.append(blocks[0])
+        w.append(sample_record(9, n=3, T=8))  # rows of another shape
+    assert list(out.parent.iterdir()) == []

@@ -856,16 +856,23 @@ class ShardWriter:
         self.pending = []
 
     def finish(self) -> Path:
-        """Write the final shard from all parts (and pending records), then drop the progress."""
+        """Write the final shard from all parts (and pending records), one part in memory at a time, then
+        drop the progress."""
         self.flush()
-        records = []
-        for part in self.parts:
-            shard = read_shard(part, stage=self.meta.stage, config_hash=self.meta.config_hash,
-                               verify_checksums=True, options=self.options)
-            records.append(shard.data)
-        data = concat_records(self.meta.stage, records, str(self.path))
-        self._check_lease()  # a takeover may have happened meanwhile: then the progress is not ours to drop
-        write_shard(self.path, self.meta, data, self.options)
+        if not self.parts:  # a shard without records: its columns, empty
+            self._check_lease()
+            write_shard(self.path, self.meta, concat_records(self.meta.stage, [], str(self.path)), self.options)
+            return self.path
+        out = StreamWriter(self.path, self.meta, self.options)
+        try:
+            for part in self.parts:
+                out.append(read_shard(part, stage=self.meta.stage, config_hash=self.meta.config_hash,
+                                      options=self.options).data)
+            self._check_lease()  # a takeover may have happened meanwhile: then the progress is not ours to drop
+            out.finish()
+        except BaseException:
+            out.abort()
+            raise
         shutil.rmtree(self.progress_dir, ignore_errors=True)
         return self.path
 

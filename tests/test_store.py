@@ -311,3 +311,20 @@ def test_stream_writer_equals_write_shard_of_the_concatenated_blocks(tmp_path):
         w.append(blocks[0])
         w.append(sample_record(9, n=3, T=8))  # rows of another shape
     assert list(out.parent.iterdir()) == []
+
+
+def test_finish_holds_one_part_at_a_time(tmp_path):
+    """The final shard is streamed from the parts: finishing 32 parts takes about one part's memory, not
+    the whole shard's (which the concatenation used to hold twice)."""
+    import tracemalloc
+
+    w = S.ShardWriter(tmp_path / "shard_00000.h5", META, flush_every=1)
+    for pid in range(32):
+        w.add(pid, sample_record(pid, n=4, T=4096))  # 128 KiB of tokens per part
+    part_bytes = 4 * 4096 * 8
+    tracemalloc.start()
+    path = w.finish()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * part_bytes < 32 * part_bytes, peak
+    assert S.read_shard(path)["tokens"].shape == (128, 4096) and not w.progress_dir.exists()

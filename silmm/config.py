@@ -140,6 +140,15 @@ class ExecutorKind(str, Enum):
     slurm = "slurm"
 
 
+# what `silmm gc` (silmm/gc.py) and store.gc_after_iteration may remove, once an iteration's model is finished
+GC_CATEGORIES = ("progress", "checkpoints", "samples", "bad")
+
+
+class FeaturesDtype(str, Enum):
+    float16 = "float16"  # half the bytes; |x| > 65504 is refused by name, never clipped
+    float32 = "float32"
+
+
 class Compression(str, Enum):
     gzip = "gzip"
     lzf = "lzf"
@@ -306,6 +315,7 @@ class StageResources:
     nodes: int = 1
     tasks_per_node: int = 1
     array_parallelism: int = 64
+    shards_per_task: int = 1  # shards one array task works through, loading the model once
     constraint: str | None = None
     additional_parameters: dict[str, Any] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)  # e.g. "module load cuda", "source env/bin/activate"
@@ -339,6 +349,10 @@ class StoreConfig:
     compression: Compression = Compression.gzip
     compression_level: int = 1
     file_locking: bool = True  # False for NFS/Lustre mounts that refuse HDF5 locks
+    # continuous feature matrices H in sample shards (the bulk of a continuous run's bytes)
+    features_dtype: FeaturesDtype = FeaturesDtype.float16
+    # what the driver removes once an iteration's model is finished (the categories of `silmm gc`); [] keeps all
+    gc_after_iteration: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -451,7 +465,7 @@ class SilmmConfig:
 
 # Keys whose values cannot change what a run computes: they may differ when a run is re-opened
 # and are left out of the config hash. (run.iterations: a run can be extended by more iterations.)
-MUTABLE_PREFIXES = ("executor", "logging", "store.file_locking", "run.root", "run.name", "run.iterations", "eval")
+MUTABLE_PREFIXES = ("executor", "logging", "store.file_locking", "store.gc_after_iteration", "run.root", "run.name", "run.iterations", "eval")
 
 # Keys that nothing read, removed from the schema: a config that sets one is told so; a frozen config.yaml
 # of an older run still opens (they were all outside the config hash).
@@ -837,6 +851,9 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
     positive("sharding.flush_every", cfg.sharding.flush_every)
     if cfg.store.compression is Compression.gzip and not 0 <= cfg.store.compression_level <= 9:
         fail("store.compression_level", f"gzip levels are 0-9, got {cfg.store.compression_level}")
+    unknown = [c for c in cfg.store.gc_after_iteration if c not in GC_CATEGORIES]
+    if unknown:
+        fail("store.gc_after_iteration", f"unknown categories {unknown}; known: {list(GC_CATEGORIES)}")
 
 
 # Strings that reach an sbatch line. submitit shell-quotes values (not option names), but a newline still
@@ -957,7 +974,7 @@ def _validate_executor(cfg: SilmmConfig, fail, positive) -> None:
 def _validate_resources(res: StageResources, key, own: dict, signal_delay_s: int, stage: str, fail, positive) -> None:
     if not math.isfinite(res.mem_gb):  # a stage override given as text ("nan") becomes a float only here
         fail(key("mem_gb"), f"must be a finite number, got {res.mem_gb}")
-    for name in ("cpus_per_task", "nodes", "tasks_per_node", "array_parallelism", "mem_gb"):
+    for name in ("cpus_per_task", "nodes", "tasks_per_node", "array_parallelism", "mem_gb", "shards_per_task"):
         positive(key(name), getattr(res, name))
     if res.gpus_per_node < 0:
         fail(key("gpus_per_node"), f"must be >= 0, got {res.gpus_per_node}")

@@ -236,6 +236,8 @@ RANGE_CASES = [
     # sharding, store, eval
     case("sharding.prompts_per_shard", "0", POS), case("sharding.flush_every", "0", POS),
     case("store.compression_level", "10", "0-9"),
+    case("store.gc_after_iteration", "[progress,everything]", "unknown categories"),
+    case("executor.default.shards_per_task", "0", POS),
     case("eval.prompts_per_shard", "0", POS), case("eval.batch_size", "0", POS),
     case("eval.benchmarks.toy.max_prompts", "0", POS), case("eval.benchmarks.toy.images_per_prompt", "0", POS),
     case("eval.benchmarks.nope", "{}", "unknown benchmark"),

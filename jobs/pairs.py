@@ -3,8 +3,14 @@
 Reads   every iter_K/{prompts,samples,scores}/shard_NNNNN.h5 (all must be complete and from this run;
         otherwise the task stops with the list of what is missing or bad)
 Writes  iter_K/pairs.h5: pairs with everything training needs -- prompt text, chosen and rejected
-        tokens with their reference log-probs (discrete), or chosen/rejected/reference features stored
-        once and referenced by row (continuous) -- and iter_K/pairs_summary.json.
+        tokens with their reference log-probs (discrete), or (continuous) the samples shard and the rows
+        of H_w, H_l and H_r in it: the feature matrices are not copied -- and iter_K/pairs_summary.json.
+
+Continuous pairs index rows of the samples shards, so those shards are part of the training input:
+`extra.samples_shards` records each referenced shard's path (relative to iter_K/) and the CRC32s of its
+feature and id columns, and training refuses a shard that is gone or differs (regenerated, replaced).
+**The samples shards of an iteration are needed until that iteration's model is DONE** (`silmm gc` keeps
+them until then); regenerating one after pair selection means re-running this stage.
 
 Rules (`pairs.*`): top-k x bottom-k (k = 1 discrete, 10 continuous by default), an optional rejected
 rank range (paper Table 7), an optional minimum score gap. Prompts whose samples all tie give no pair
@@ -20,7 +26,6 @@ import logging
 from collections import Counter
 from typing import Any
 
-import h5py
 import numpy as np
 
 from silmm.fsutil import atomic_write_text
@@ -32,8 +37,9 @@ from silmm.tasks import read_input
 
 log = logging.getLogger("jobs.pairs")
 # what pair selection loads of a samples shard (images and feature matrices are verified, not loaded)
-BLOCK_BYTES = 256 << 20  # selected feature matrices held at once, whatever the run's size
-SAMPLE_COLUMNS = ("prompt_id", "sample_index", "tokens", "ref_logprob", "ref_prompt_id")  # features: by row
+SAMPLE_COLUMNS = ("prompt_id", "sample_index", "tokens", "ref_logprob", "ref_prompt_id")
+# columns whose stored CRC32s pairs.h5 records: the rows it names mean the same H at training time
+INDEXED_COLUMNS = ("prompt_id", "sample_index", "ref_prompt_id", "features", "ref_features")
 
 
 def run(run: RunDir, iteration: int, shard: int = 0) -> dict[str, Any]:
@@ -54,22 +60,24 @@ def run(run: RunDir, iteration: int, shard: int = 0) -> dict[str, Any]:
     writer = StreamWriter(run.pairs_path(iteration), meta, opts)  # one scores shard's pairs in memory at a time
     counts: Counter = Counter()
     all_scores, chosen_scores, rejected_scores = [], [], []
+    referenced: list[dict[str, Any]] = []  # continuous: the samples shards the pairs index
     try:
         for i, pr in enumerate(prompts):
             samples = read_input(run, iteration, "samples", i, columns=SAMPLE_COLUMNS)  # verified whole, held: ids
             scores = read_input(run, iteration, "scores", i)
             text_of = dict(zip(pr["prompt_id"].tolist(), zip(pr["text"], pr["category"], strict=True), strict=True))
-            by_prompt = list(_rows_by_prompt(scores["prompt_id"]).items())
-            step = _prompts_per_block(samples, rule)
-            for start in range(0, len(by_prompt), step):
-                block = _shard_pairs(samples, scores, by_prompt[start: start + step], text_of, unique, rule,
-                                     writer.rows, counts, (all_scores, chosen_scores, rejected_scores), opts)
-                if block:
-                    writer.append(block)
+            block = _shard_pairs(i, samples, scores, list(_rows_by_prompt(scores["prompt_id"]).items()), text_of,
+                                 unique, rule, counts, (all_scores, chosen_scores, rejected_scores))
+            if block:
+                writer.append(block)
+                if "samples_shard" in block:
+                    referenced.append(samples_reference(run, iteration, samples))
         if not counts["pairs"]:
             raise ShardError(f"{run.pairs_path(iteration)}: no pairs selected from {counts['prompts']} prompts "
                              f"({dict(counts)}); check the scores (all tied?) and pairs.* settings")
         writer.meta.extra["counts"] = dict(counts)
+        if referenced:
+            writer.meta.extra["samples_shards"] = referenced
         path = writer.finish()
     except BaseException:
         writer.abort()
@@ -83,29 +91,23 @@ def run(run: RunDir, iteration: int, shard: int = 0) -> dict[str, Any]:
     return {"pairs": counts["pairs"], **{k: v for k, v in counts.items() if "/" not in k}}
 
 
-def _prompts_per_block(samples, rule: PairRule) -> int:
-    """Prompts per block of pairs.h5: the selected feature matrices of a block stay within BLOCK_BYTES."""
-    if "tokens" in samples:
-        return 1 << 30  # token rows are small: a whole shard is one block
-    with h5py.File(samples.path, "r") as f:
-        matrix = int(np.prod(f["features"].shape[1:])) * f["features"].dtype.itemsize
-    return max(1, BLOCK_BYTES // (matrix * (rule.top_k + rule.bottom_k + 1)))
+def samples_reference(run: RunDir, iteration: int, samples) -> dict[str, Any]:
+    """What pairs.h5 records of a samples shard it indexes: its index, path relative to the iteration
+    directory and the CRC32s its attributes store for INDEXED_COLUMNS (verified by the read just done)."""
+    stored = json.loads(samples.attrs["checksums"])
+    return {"shard": samples.meta.shard_index, "path": str(samples.path.relative_to(run.iter_dir(iteration))),
+            "checksums": {name: stored[name] for name in INDEXED_COLUMNS}}
 
 
-def _shard_pairs(samples, scores, prompt_rows: list[tuple[int, list[int]]], text_of: dict, unique: dict,
-                 rule: PairRule, written: dict[str, int], counts: Counter, score_lists: tuple[list, list, list],
-                 opts: StoreOptions) -> dict[str, Any]:
-    """The pairs of some prompts of one scores shard as a block of pairs.h5 (feature rows numbered after
-    the ``written`` ones); counts and score lists updated. Continuous features are read from the samples
-    file into the block row by row: only the block's selected matrices are ever held, once."""
+def _shard_pairs(shard: int, samples, scores, prompt_rows: list[tuple[int, list[int]]], text_of: dict, unique: dict,
+                 rule: PairRule, counts: Counter, score_lists: tuple[list, list, list]) -> dict[str, Any]:
+    """The pairs of one scores shard as a block of pairs.h5; counts and score lists updated. Continuous
+    pairs name their samples shard and the rows of H_w, H_l and H_r in it (nothing of H is read)."""
     all_scores, chosen_scores, rejected_scores = score_lists
     discrete = "tokens" in samples
     sample_rows = _rows_by_prompt(samples["prompt_id"])
     ref_row_of = {int(pid): r for r, pid in enumerate(samples["ref_prompt_id"])} if not discrete else {}
     out: dict[str, list] = {}
-    feature_rows: list[int] = []  # rows of the samples shard's `features`, in pairs.h5 order
-    ref_rows: list[int] = []
-    first_feature, first_ref = written.get("feature_rows", 0), written.get("ref_rows", 0)
     for pid, rows in prompt_rows:
         counts["prompts"] += 1
         if not unique[pid]:
@@ -122,9 +124,6 @@ def _shard_pairs(samples, scores, prompt_rows: list[tuple[int, list[int]]], text
             continue
         text, category = text_of[pid]
         srow = {int(samples["sample_index"][r]): r for r in sample_rows[pid]}
-        local_feature_row: dict[int, int] = {}
-        if not discrete:
-            ref_rows.append(ref_row_of[pid])
         for c, r in pairs:
             ci, ri = int(scores["sample_index"][rows[c]]), int(scores["sample_index"][rows[r]])
             _add(out, prompt_id=pid, text=text, category=category, chosen_index=ci, rejected_index=ri,
@@ -136,22 +135,9 @@ def _shard_pairs(samples, scores, prompt_rows: list[tuple[int, list[int]]], text
                      chosen_ref_logprob=samples["ref_logprob"][srow[ci]],
                      rejected_ref_logprob=samples["ref_logprob"][srow[ri]])
             else:
-                rows_ = []
-                for idx in (ci, ri):
-                    if idx not in local_feature_row:  # each sampled H stored once
-                        local_feature_row[idx] = first_feature + len(feature_rows)
-                        feature_rows.append(srow[idx])
-                    rows_.append(local_feature_row[idx])
-                _add(out, chosen_row=rows_[0], rejected_row=rows_[1], ref_row=first_ref + len(ref_rows) - 1)
+                _add(out, samples_shard=shard, chosen_row=srow[ci], rejected_row=srow[ri], ref_row=ref_row_of[pid])
         counts["pairs"] += len(pairs)
         counts[f"pairs/{category}"] += len(pairs)
-    if out and not discrete:
-        with h5py.File(samples.path, "r", locking=opts.file_locking) as f:  # verified by read_input above
-            for name, rows_ in (("features", feature_rows), ("ref_features", ref_rows)):
-                dset = f[name]
-                out[name] = np.empty((len(rows_), *dset.shape[1:]), dset.dtype)
-                for k, r in enumerate(rows_):  # straight into the block: no per-row copies to stack
-                    dset.read_direct(out[name], np.s_[r], np.s_[k])
     return out
 
 

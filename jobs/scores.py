@@ -7,6 +7,8 @@ Writes  iter_K/scores/shard_NNNNN.h5: per sample p(yes), p(no) for each of its p
         `random` are the paper's ablation controls.
 
 Each image is encoded once and its prefix reused for all of its questions (the backend's yes_no).
+The samples shard streams: its ids and seeds are held, each prompt's PNGs (or tokens / features to
+decode) are read when it is scored, so memory stays at a few prompts' data whatever the shard's size.
 Run directly: python -m jobs.scores --run RUN --iteration K --shard I
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 
@@ -24,14 +27,17 @@ from silmm.images import from_png, to_png
 from silmm.models import load_backend, load_judge, separate_judge
 from silmm.rundir import RunDir
 from silmm.seeding import derive_seed
+from silmm.store import Shard
 from silmm.tasks import open_writer, progress, read_input
 
 log = logging.getLogger("jobs.scores")
+# what the job holds of a samples shard; a prompt's images or tokens/features are read when it is scored
+ID_COLUMNS = ("prompt_id", "sample_index", "seed")
 
 
 def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     cfg = run.config
-    samples = read_input(run, iteration, "samples", shard)
+    samples = read_input(run, iteration, "samples", shard, columns=ID_COLUMNS)  # the rest verified, not held
     questions = read_input(run, iteration, "questions", shard)
     q_of = _questions_by_prompt(questions)
     rows_of: dict[int, list[int]] = {}
@@ -47,38 +53,67 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     keep_best_worst = cfg.sampling.store_images is ImageStorage.best_worst
     needs_model = method is not FeedbackMethod.random or keep_best_worst  # (random needs no images)
     backend = load_judge(run, iteration) if todo and needs_model else None
+    stored_images = samples.meta.extra.get("images") == ImageStorage.all.value
     # a base judge cannot decode what this iteration's model sampled, unless the images are stored
     decoder = backend
-    if backend is not None and separate_judge(cfg) and not all(len(b) for b in samples["image_png"]):
+    if backend is not None and separate_judge(cfg) and not stored_images:
         decoder = load_backend(run, iteration)
-    for pid in progress(todo, len(todo), f"scores shard {shard}", cfg.logging.progress):
-        rows, qs = rows_of[pid], q_of[pid]
-        seeds = [int(x) for x in samples["seed"][rows]]
-        images = _images(decoder, samples, rows, cfg.run.seed) if needs_model else []
-        if method is FeedbackMethod.random:
-            p_yes = p_no = [np.zeros(len(qs), np.float32)] * len(rows)
-            scores = [F.random_score(sd) for sd in seeds]
-        else:
-            per_call = max(1, cfg.feedback.batch_size // len(qs))  # images per forward: ~batch_size pairs
-            answers = [a for i in range(0, len(rows), per_call)
-                       for a in backend.yes_no(np.stack(images[i: i + per_call]), [qs] * len(images[i: i + per_call]))]
-            p_yes, p_no = [a[0] for a in answers], [a[1] for a in answers]
-            score_fn = F.vqa_score if method is FeedbackMethod.vqa else F.ratio_yes_score
-            scores = [score_fn(y, n) for y, n in zip(p_yes, p_no, strict=True)]
-        record: dict[str, Any] = {
-            "prompt_id": [pid] * len(rows), "sample_index": samples["sample_index"][rows],
-            "score": np.asarray(scores, np.float32), "question_count": [len(qs)] * len(rows),
-            "p_yes": np.concatenate(p_yes).astype(np.float32), "p_no": np.concatenate(p_no).astype(np.float32),
-        }
-        if keep_best_worst:
-            order = np.argsort(-np.asarray(scores), kind="stable")
-            keep = {int(order[0]), int(order[-1])}
-            record["image_png"] = [to_png(images[i]) if i in keep else b"" for i in range(len(rows))]
-        writer.add(pid, record)
+    with SampleRows(samples, run.config.store.file_locking) as source:
+        for pid in progress(todo, len(todo), f"scores shard {shard}", cfg.logging.progress):
+            rows, qs = rows_of[pid], q_of[pid]
+            seeds = [int(x) for x in samples["seed"][rows]]
+            images = _images(decoder, source, rows, cfg.run.seed, stored_images) if needs_model else []
+            if method is FeedbackMethod.random:
+                p_yes = p_no = [np.zeros(len(qs), np.float32)] * len(rows)
+                scores = [F.random_score(sd) for sd in seeds]
+            else:
+                per_call = max(1, cfg.feedback.batch_size // len(qs))  # images per forward: ~batch_size pairs
+                answers = [a for i in range(0, len(rows), per_call)
+                           for a in backend.yes_no(np.stack(images[i: i + per_call]),
+                                                   [qs] * len(images[i: i + per_call]))]
+                p_yes, p_no = [a[0] for a in answers], [a[1] for a in answers]
+                score_fn = F.vqa_score if method is FeedbackMethod.vqa else F.ratio_yes_score
+                scores = [score_fn(y, n) for y, n in zip(p_yes, p_no, strict=True)]
+            record: dict[str, Any] = {
+                "prompt_id": [pid] * len(rows), "sample_index": samples["sample_index"][rows],
+                "score": np.asarray(scores, np.float32), "question_count": [len(qs)] * len(rows),
+                "p_yes": np.concatenate(p_yes).astype(np.float32), "p_no": np.concatenate(p_no).astype(np.float32),
+            }
+            if keep_best_worst:
+                order = np.argsort(-np.asarray(scores), kind="stable")
+                keep = {int(order[0]), int(order[-1])}
+                record["image_png"] = [to_png(images[i]) if i in keep else b"" for i in range(len(rows))]
+            writer.add(pid, record)
     writer.meta.extra.update(method=method.value)
     path = writer.finish()
     log.info("wrote scores of %d prompts to %s", len(rows_of), path)
     return {"prompts": len(rows_of), "computed": len(todo)}
+
+
+class SampleRows:
+    """The rows of one prompt of a samples shard that :func:`read_input` has verified: its PNGs, or the
+    tokens / features to decode (as float32), read on demand so that the job holds one prompt's data."""
+
+    def __init__(self, samples: Shard, file_locking: bool):
+        self.samples = samples
+        self.file = h5py.File(samples.path, "r", locking=file_locking)
+
+    def __enter__(self) -> SampleRows:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.file.close()
+
+    def pngs(self, rows: list[int]) -> list[np.ndarray]:
+        dset = self.file["image_png"]
+        return [from_png(dset[r], f"{self.samples.path}: prompt {int(self.samples['prompt_id'][r])} sample "
+                         f"{int(self.samples['sample_index'][r])}") for r in rows]
+
+    def values(self, rows: list[int]) -> torch.Tensor:
+        """Tokens (discrete) or H as float32 (continuous, whatever its stored precision)."""
+        name = "tokens" if "tokens" in self.file else "features"
+        values = self.file[name][rows]  # rows of one prompt: increasing, as h5py wants
+        return torch.from_numpy(values if name == "tokens" else values.astype(np.float32))
 
 
 def _questions_by_prompt(shard) -> dict[int, list[str]]:
@@ -89,15 +124,14 @@ def _questions_by_prompt(shard) -> dict[int, list[str]]:
     return out
 
 
-def _images(backend, samples, rows: list[int], run_seed: int) -> list[np.ndarray]:
+def _images(backend, source: SampleRows, rows: list[int], run_seed: int, stored: bool) -> list[np.ndarray]:
     """Stored PNGs, or a fresh decode of the stored tokens/features with the samples stage's decode seeds."""
-    if all(len(samples["image_png"][r]) for r in rows):
-        return [from_png(samples["image_png"][r], f"{samples.path}: prompt {int(samples['prompt_id'][r])} sample "
-                         f"{int(samples['sample_index'][r])}") for r in rows]
-    values = samples["tokens"][rows] if "tokens" in samples else samples["features"][rows]
+    if stored:
+        return source.pngs(rows)
+    samples = source.samples
     seeds = [derive_seed(run_seed, samples.meta.iteration, int(samples["prompt_id"][r]),
                          int(samples["sample_index"][r]), "decode") for r in rows]
-    return list(backend.decode(torch.from_numpy(np.asarray(values)), seeds))
+    return list(backend.decode(source.values(rows), seeds))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Training -- one job per iteration: DPO (discrete LMMs) or KC-DPO (continuous) with LoRA on DeepSpeed ZeRO.
 
 Reads   iter_K/pairs.h5 (this run's hash and iteration, at least one pair; otherwise a clear error), and the
-        iteration's start model: model.path for iteration 1, iter_{K-1}/model after that.
+        iteration's start model: model.path for iteration 1, iter_{K-1}/model after that. Continuous: the
+        H_w, H_l, H_r rows pairs.h5 indexes in iter_K/samples/shard_*.h5 (each shard checked at start
+        against the checksums pairs.h5 recorded: one gone or regenerated since is refused; read as float32).
 Writes  iter_K/train/metrics.jsonl   one line every train.log_every steps, means since the previous line:
                                      loss, rewards/*, logps/* (discrete) or distance/* (continuous), lr,
                                      grad_norm, pairs_per_second; entropy/image_tokens, kl/reference and

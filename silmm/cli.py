@@ -127,11 +127,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from silmm.inspection import verify_run
+    from silmm.inspection import REMOVED_BY_GC, verify_run
     from silmm.rundir import RunDir
 
     run = RunDir.open(args.run)
-    problems = verify_run(run)
+    found = verify_run(run)
+    problems = [(p, what) for p, what in found if not what.startswith(REMOVED_BY_GC)]
+    for path, note in found:
+        if note.startswith(REMOVED_BY_GC):  # not a problem: `silmm gc` removed what nothing reads any more
+            print(f"  {path}: {note}")
     if not problems:
         print(f"{run.path}: all shards, pairs and models valid")
         return 0
@@ -139,6 +143,25 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for path, problem in problems:
         print(f"  {path}: {problem}")
     return 1
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from silmm import gc as G
+    from silmm.rundir import RunDir
+
+    run = RunDir.open(args.run)
+    categories = G.select(args.only, args.keep)  # an unknown category: ConfigError, exit 2
+    if not args.yes:
+        print(G.describe(run, G.plan(run, categories), categories, dry_run=True))
+        return 0
+    try:
+        done = G.collect(run, categories)
+    except G.GcRefused as exc:
+        print(f"silmm: {exc}", file=sys.stderr)
+        return 1
+    print(G.describe(run, done, categories, dry_run=False))
+    print(f"recorded in {run.path}/iter_KK/{G.RECORD}")
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -244,6 +267,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """What the configured run will cost on N GPUs: unit costs from a short calibration run of its model on this
+    machine (cached; silmm/plan.py), then the arithmetic per stage and iteration."""
+    import json
+
+    from silmm import plan as PL
+
+    cfg = C.load(args.config, args.overrides, args.profile)  # every config error stops here, before calibration
+    if args.gpus < 1:
+        raise C.ConfigError(f"--gpus {args.gpus}: must be at least 1")
+    if args.calibrate_prompts is None:
+        args.calibrate_prompts = PL.default_prompts(cfg)
+    if args.calibrate_prompts < 1 or args.calibrate_steps < 1:
+        raise C.ConfigError("--calibrate-prompts and --calibrate-steps must be at least 1")
+    if not (args.depth_scale > 0 and args.depth_scale < float("inf")):
+        raise C.ConfigError(f"--depth-scale {args.depth_scale}: must be a finite number > 0")
+    if args.no_calibrate and not args.unit_costs:
+        raise C.ConfigError("--no-calibrate needs --unit-costs FILE (every cost given)")
+    given = PL.read_unit_costs(args.unit_costs, partial=not args.no_calibrate) if args.unit_costs else None
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
+    if args.no_calibrate:
+        costs = PL.UnitCosts.from_json(given, f"--unit-costs {args.unit_costs}")
+        costs.source = f"--unit-costs {args.unit_costs}"
+    else:
+        costs = PL.calibrate(cfg, args.calibrate_prompts, args.calibrate_steps, recalibrate=args.recalibrate, say=say)
+        if given:
+            costs = PL.amend(costs, given, f"--unit-costs {args.unit_costs}")
+    limits, source = PL.cluster_limits(cfg.executor.max_array_size)
+    plan = PL.plan_run(cfg, costs, args.gpus, limits, source, args.depth_scale)
+    print(json.dumps(plan.to_json(), indent=1) if args.json else PL.format_plan(plan), end="\n" if args.json else "")
+    return 0
+
+
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from silmm.models import build_tiny
 
@@ -324,9 +380,38 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--break-lock", action="store_true", help="take over a driver lock left by a dead driver")
     ev.set_defaults(func=_cmd_eval)
 
+    pl = sub.add_parser("plan", help="what the run will cost on N GPUs: GPU-hours, wall time, disk, memory, model "
+                                     "loads, files, arrays and Slurm resources per stage (a short calibration run "
+                                     "of the model on this machine, cached)")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*", help="key=value dotlist overrides")
+    pl.add_argument("--profile", action="append", default=[], help="extra YAML merged after CONFIG (repeatable)")
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs the run may use at once")
+    pl.add_argument("--recalibrate", action="store_true", help="measure again, ignoring the cached unit costs")
+    pl.add_argument("--calibrate-prompts", type=int, default=None,
+                    help="prompts of the calibration run (default: one per prompt category, at least 4)")
+    pl.add_argument("--calibrate-steps", type=int, default=2, help="optimizer steps of the calibration run (default 2)")
+    pl.add_argument("--depth-scale", type=float, default=1.0,
+                    help="multiply the model stages' per-prompt compute by this (a reduced-depth calibration model: "
+                         "real layers / calibrated layers; an approximation)")
+    pl.add_argument("--unit-costs", default=None,
+                    help="JSON file of unit costs (silmm plan --json's 'costs' layout) replacing the measured ones")
+    pl.add_argument("--no-calibrate", action="store_true", help="use --unit-costs alone (it must give every cost)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON (progress goes to stderr)")
+    pl.set_defaults(func=_cmd_plan)
+
     ver = sub.add_parser("verify", help="validate every shard of a run; list the bad ones")
     ver.add_argument("run")
     ver.set_defaults(func=_cmd_verify)
+
+    gc = sub.add_parser("gc", help="remove what later stages no longer read (dry run unless --yes): progress "
+                                   "sidecars, checkpoints and samples of finished iterations, moved-aside files")
+    gc.add_argument("run")
+    gc.add_argument("--only", default=None, help=f"comma-separated categories (default: all of "
+                                                 f"{','.join(C.GC_CATEGORIES)})")
+    gc.add_argument("--keep", default=None, help="comma-separated categories to leave alone")
+    gc.add_argument("--yes", action="store_true", help="remove them (default: list them with their sizes)")
+    gc.set_defaults(func=_cmd_gc)
     return p
 
 

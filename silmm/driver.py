@@ -1,6 +1,7 @@
 """The iteration driver: looks at what is on disk, submits only what is missing, waits, retries, reports.
 
-For each iteration: prompts -> questions -> samples -> scores (arrays over shards) -> pairs -> train; with
+For each iteration: prompts -> questions and samples (side by side where tasks run at once) -> scores, each an
+array over its shards (`shards_per_task` shards per array task, the model loaded once per task) -> pairs -> train; with
 `eval.after_each_iteration`, benchmark evaluation (eval shards, then eval_results) of the base model before
 iteration 1 and of each iteration's model after it (`silmm eval` runs the same by hand).
 Re-running the same command resumes exactly where things stand on disk; a finished shard is never
@@ -31,13 +32,21 @@ import submitit
 
 from silmm import lease as L
 from silmm.config import DRIVER_TIME_CAP_MIN, ExecutorKind, PromptSource
-from silmm.executors import TASK_THREADS_ENV, array_chunks, local_threads, make_executor, parallelism
+from silmm.executors import (
+    TASK_THREADS_ENV,
+    array_chunks,
+    local_threads,
+    make_executor,
+    parallelism,
+    stages_side_by_side,
+)
 from silmm.fsutil import atomic_write_text
+from silmm.gc import after_iteration as gc_after_iteration
 from silmm.models import ensure_base_model
 from silmm.progress import LiveStatus, record_path
 from silmm.rundir import SHARD_STAGES, RunDir
 from silmm.store import ShardError
-from silmm.tasks import StageTask, log_path, model_problem, settle
+from silmm.tasks import ShardGroup, StageTask, log_path, model_problem, settle
 
 log = logging.getLogger(__name__)
 
@@ -302,24 +311,65 @@ def recorded_job_states(book: JobBook) -> dict[str, str]:
     return live
 
 
-def adopt(run: RunDir, t: Tracked, entry: dict[str, Any], state: str) -> None:
-    """Track a job an earlier driver submitted as if this driver had submitted it."""
+def adopt(run: RunDir, t: Tracked, entry: dict[str, Any], state: str, jobs: dict[str, Any] | None = None) -> None:
+    """Track a job an earlier driver submitted as if this driver had submitted it; ``jobs``: the job objects
+    made so far by job id (the shards of one multi-shard task get the same one)."""
     from silmm.executors import submitit_folder
 
     folder = submitit_folder(run, t.task.iteration, t.task.stage)
     jid = str(entry["job_id"])
-    t.job = submitit.SlurmJob(folder, jid) if entry["kind"] == "slurm" else \
-        AdoptedLocalJob(folder, jid, entry.get("pid_start"))
+    jobs = {} if jobs is None else jobs
+    if jid not in jobs:
+        jobs[jid] = submitit.SlurmJob(folder, jid) if entry["kind"] == "slurm" else \
+            AdoptedLocalJob(folder, jid, entry.get("pid_start"))
+    t.job = jobs[jid]
     t.state, t.attempts = state, int(entry.get("attempts", 1))
 
 
 def _held_result(t: Tracked) -> dict[str, Any] | None:
-    """The result of a task that found its output leased by another writer (tasks.run_task), else None."""
+    """The result of a task that found its output leased by another writer (tasks.run_task), else None; for a
+    shard of a multi-shard task (tasks.run_group), that shard's result."""
     try:
         result = t.job.result()
     except Exception:
         return None
+    if isinstance(result, dict) and isinstance(result.get("shards"), dict):
+        result = result["shards"].get(t.task.shard)
     return result if isinstance(result, dict) and "held_by" in result else None
+
+
+def _task_of(group: list[Tracked]) -> StageTask | ShardGroup:
+    """What one array task runs for these shards: the shard's StageTask, or a ShardGroup of several."""
+    if len(group) == 1:
+        return group[0].task
+    first = group[0].task
+    return ShardGroup(first.run_dir, first.iteration, first.stage, tuple(t.task.shard for t in group), first.benchmark)
+
+
+@dataclass
+class StageRun:
+    """One stage's shards the driver waits for (Driver._start, Driver._wait)."""
+
+    iteration: int
+    stage: str
+    benchmark: str
+    tracked: list[Tracked]
+    queue: list[Tracked]  # shards to submit, in order
+    per_task: int  # shards per array task (executor.*.shards_per_task)
+    t0: float = field(default_factory=time.time)
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage} {self.benchmark}" if self.benchmark else self.stage
+
+    def in_flight(self) -> int:
+        """Tasks submitted and not ended: a task of several shards counts once."""
+        return len({id(t.job) for t in self.tracked if t.state in ("pending", "running")})
+
+    def take(self) -> list[Tracked]:
+        """The next task's shards, out of the queue."""
+        group, self.queue = self.queue[:self.per_task], self.queue[self.per_task:]
+        return group
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -350,14 +400,34 @@ class Driver:
                 # scale) at every restart would cost the driver hours; `silmm verify` checks them
                 log.info("iter %d: finished earlier, its model %s verified", iteration, self.run.model_dir(iteration))
             else:
-                for stage in STAGE_ORDER:
-                    self.run_stage(iteration, stage)
+                for stages in self.stage_steps():
+                    self.run_stages(iteration, stages)
             self.evaluate(iteration)
             self._mark_done(iteration)
+            gc_after_iteration(self.run, iteration)  # store.gc_after_iteration: what no later stage reads
         if toy:
             log.info("toy report: %s", self.run.path / "report" / "report.md")
         log.info("run %s: all %d iteration(s) done; final model in %s", self.run.path, self.cfg.run.iterations,
                  self.run.model_dir(self.cfg.run.iterations))
+
+    def stage_steps(self) -> list[tuple[str, ...]]:
+        """An iteration's stages in order. Questions and samples both read only the prompts: they run side by
+        side where tasks can run at once (Slurm; the local executor with local_parallelism > 1, sharing it),
+        one after the other in-process (debug) or when one local task runs at a time."""
+        if stages_side_by_side(self.cfg.executor):
+            return [("prompts",), ("questions", "samples"), ("scores",), ("pairs",), ("train",)]
+        return [(stage,) for stage in STAGE_ORDER]
+
+    def run_stages(self, iteration: int, stages: tuple[str, ...]) -> None:
+        """Stages that depend on none of each other, waited for together (a failure in any stops the wait)."""
+        if len(stages) == 1:
+            self.run_stage(iteration, stages[0])
+            return
+        assert "prompts" not in stages, "the prompts stage decides the shard count: it runs on its own"
+        runs = [self._start(iteration, stage, list(range(self.run.num_shards(iteration)))) for stage in stages]
+        runs = [r for r in runs if r is not None]
+        if runs:
+            self._wait(runs)
 
     def run_stage(self, iteration: int, stage: str) -> None:
         if stage == "prompts" and self.cfg.prompts.source is PromptSource.files:
@@ -394,6 +464,13 @@ class Driver:
 
     # submission, polling, retries ---------------------------------------------------------------
     def _run_tasks(self, iteration: int, stage: str, shards: list[int], benchmark: str = "") -> None:
+        run = self._start(iteration, stage, shards, benchmark)
+        if run is not None:
+            self._wait([run])
+
+    def _start(self, iteration: int, stage: str, shards: list[int], benchmark: str = "") -> StageRun | None:
+        """A stage's shards to wait for: recorded jobs still running adopted, the shards not done queued; None
+        when every shard is done."""
         tracked = [Tracked(StageTask(str(self.run.path), iteration, stage, s, benchmark)) for s in shards]
         adopted = self._adopt(tracked)
         # a damaged output is moved aside; an adopted job's output is its writer's until the job ends
@@ -405,77 +482,105 @@ class Driver:
             if t.state == "done" and self.book.entries.get(key, {}).get("state") not in (None, "done"):
                 self.book.mark(key, "done")  # finished while no driver watched it: jobs.json says so
         self.book.save()
-        stage_label = f"{stage} {benchmark}" if benchmark else stage
+        per_task = self.cfg.resources(stage).shards_per_task
+        run = StageRun(iteration, stage, benchmark, tracked, list(todo), per_task)
         if not todo and not adopted:
-            log.info("iter %d %s: all %d done", iteration, stage_label, len(tracked))
-            return
-        log.info("iter %d %s: %d of %d to run%s", iteration, stage_label, len(todo) + len(adopted), len(tracked),
-                 f" ({len(adopted)} adopted: still running from an earlier driver)" if adopted else "")
-        queue = list(todo)
-        limit = parallelism(self.run, stage)
-        t0 = time.time()
-        while True:
-            running = [t for t in tracked if t.state in ("pending", "running")]
-            room = limit - len(running)
-            if queue and room > 0:
-                batch, queue = queue[:room], queue[room:]
-                self._submit(iteration, stage, batch, at_once=len(running) + len(batch))
-            self._poll(tracked, queue)
-            self._status_line(iteration, stage_label, tracked, t0)
-            failed = [t for t in tracked if t.state == "failed"]
+            log.info("iter %d %s: all %d done", iteration, run.label, len(tracked))
+            return None
+        grouped = f" in tasks of {per_task} shards" if per_task > 1 and len(todo) > 1 else ""
+        log.info("iter %d %s: %d of %d to run%s%s", iteration, run.label, len(todo) + len(adopted), len(tracked),
+                 grouped, f" ({len(adopted)} adopted: still running from an earlier driver)" if adopted else "")
+        return run
+
+    def _wait(self, runs: list[StageRun]) -> None:
+        """Submit the stages' queued shards as room allows, poll, retry, until every shard of every stage is
+        done; a shard failed for good stops the wait with its report, whatever the other stages are doing.
+        Stages waited for together share the executor's room (local_parallelism: one share of the cores each
+        task), taking turns so that each of them progresses."""
+        limit = min(parallelism(self.run, r.stage) for r in runs)
+        active = list(runs)
+        while active:
+            self._fill(active, limit)
+            for r in active:
+                self._poll(r.tracked, r.queue)
+            self._status(active)
+            failed = [t for r in active for t in r.tracked if t.state == "failed"]
             if failed:
                 self._report_failure(failed)
-            if all(t.state == "done" for t in tracked):
+            for r in [r for r in active if all(t.state == "done" for t in r.tracked)]:
+                self._end_status_line()
+                log.info("iter %d %s: done in %.1f s", r.iteration, r.label, time.time() - r.t0)
+                active.remove(r)
+            if not active:
                 break
             if self._stop or cancel_requested(self.run):  # a signal, or `silmm cancel` from any host
                 raise DriverError(self._stop_message())
-            waiting = any(isinstance(t.job, LeaseWait) and t.state == "running" for t in tracked)
+            waiting = any(isinstance(t.job, LeaseWait) and t.state == "running" for r in active for t in r.tracked)
             # debug tasks ran inside _submit: no need to wait, unless for another writer (no busy loop)
             time.sleep(self.cfg.executor.poll_interval_s if self.cfg.executor.kind is not ExecutorKind.debug
                        else 0.2 if waiting else 0)
-        self._end_status_line()
-        log.info("iter %d %s: done in %.1f s", iteration, stage_label, time.time() - t0)
+
+    def _fill(self, runs: list[StageRun], limit: int) -> None:
+        """Submit queued shards, grouped into tasks of each stage's shards_per_task, while fewer than ``limit``
+        tasks are in flight, one task per stage in turn."""
+        room = limit - sum(r.in_flight() for r in runs)
+        groups: dict[int, list[list[Tracked]]] = {id(r): [] for r in runs}
+        while room > 0 and any(r.queue for r in runs):
+            for r in runs:
+                if room > 0 and r.queue:
+                    groups[id(r)].append(r.take())
+                    room -= 1
+        for r in runs:
+            if groups[id(r)]:
+                self._submit(r.iteration, r.stage, groups[id(r)])
 
     def _adopt(self, tracked: list[Tracked]) -> list[Tracked]:
-        """Track the recorded jobs of these tasks that still run or queue (an earlier driver submitted them)."""
+        """Track the recorded jobs of these tasks that still run or queue (an earlier driver submitted them);
+        the shards of one multi-shard job share one job object."""
         adopted = []
+        jobs: dict[str, Any] = {}
         for t in tracked:
             key = JobBook.key(t.task)
             state = self._live.pop(key, None)
             if state is None:
                 continue
             entry = self.book.entries[key]
-            adopt(self.run, t, entry, state)
+            adopt(self.run, t, entry, state, jobs)
             self.book.record(t)
             adopted.append(t)
             log.info("%s: adopted %s job %s (%s), submitted by an earlier driver", t.task.name, entry["kind"],
                      entry["job_id"], state)
         return adopted
 
-    def _submit(self, iteration: int, stage: str, batch: list[Tracked], at_once: int = 1) -> None:
+    def _submit(self, iteration: int, stage: str, groups: list[list[Tracked]]) -> None:
+        """One task per group of shards (a StageTask for one shard, a ShardGroup for several), as arrays."""
         if self.cfg.executor.kind is ExecutorKind.local and not self._user_threads:
             # local tasks share this machine's cores (more torch threads than cores makes every task crawl);
             # each task reads its share when it starts (executors.set_task_threads)
             os.environ[TASK_THREADS_ENV] = str(local_threads(self.run, stage))
         executor = make_executor(self.run, iteration, stage)
-        for chunk in array_chunks(executor, self.run, stage, batch):  # within the cluster's limits
+        for chunk in array_chunks(executor, self.run, stage, groups):  # within the cluster's limits
+            calls = [_task_of(group) for group in chunk]
             # local jobs inherit this environment when they start, Slurm jobs when sbatch exports it
             with _without_process_group_env() if self.cfg.executor.kind is not ExecutorKind.debug else nullcontext():
-                if len(chunk) == 1:
-                    jobs = [executor.submit(chunk[0].task)]
+                if len(calls) == 1:
+                    jobs = [executor.submit(calls[0])]
                 else:
                     with executor.batch():
-                        jobs = [executor.submit(t.task) for t in chunk]
-            for t, job in zip(chunk, jobs, strict=True):
-                t.job, t.state, t.error = job, "pending", ""
-                t.attempts += 1
-                self.book.record(t)
+                        jobs = [executor.submit(c) for c in calls]
+            for group, job in zip(chunk, jobs, strict=True):
+                for t in group:
+                    t.job, t.state, t.error = job, "pending", ""
+                    t.attempts += 1
+                    self.book.record(t)
                 if self.cfg.executor.kind is ExecutorKind.debug:
                     try:  # debug jobs run in this process, when their result is asked for
                         job.result()
                     except Exception:
                         pass  # recorded by _poll: the output is not complete
-            log.info("iter %d %s: submitted %d task(s) as %s", iteration, stage, len(chunk),
+            shards = sum(map(len, chunk))
+            log.info("iter %d %s: submitted %d task(s)%s as %s", iteration, stage, len(chunk),
+                     f" for {shards} shards" if shards > len(chunk) else "",
                      ", ".join(sorted({str(j.job_id).split("_")[0] for j in jobs})))
         self.book.save()
 
@@ -535,6 +640,17 @@ class Driver:
             self._progress_view = LiveStatus(self.status_stream)
         tasks = [(record_path(log_path(self.run, t.task)), t.state) for t in tracked]
         self._progress_view.update(f"iter {iteration} {stage}", tasks, t0)
+
+    def _status(self, runs: list[StageRun]) -> None:
+        """The live view of the stages waited for: one stage as _status_line, several side by side."""
+        if len(runs) == 1:
+            r = runs[0]
+            self._status_line(r.iteration, r.label, r.tracked, r.t0)
+            return
+        if self._progress_view is None:
+            self._progress_view = LiveStatus(self.status_stream)
+        stages = [(r.label, [(record_path(log_path(self.run, t.task)), t.state) for t in r.tracked]) for r in runs]
+        self._progress_view.update_stages(f"iter {runs[0].iteration}", stages, min(r.t0 for r in runs))
 
     def _end_status_line(self) -> None:
         if self._progress_view is not None:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-from silmm.config import ExecutorKind, StageResources
+from silmm.config import ExecutorConfig, ExecutorKind, StageResources
 from silmm.rundir import SHARD_STAGES, RunDir
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,13 @@ def parallelism(run: RunDir, stage: str) -> int:
     if cfg.executor.kind is ExecutorKind.debug:
         return 1
     return 1 << 30  # Slurm throttles arrays itself (%array_parallelism, shared by the pieces of a split array)
+
+
+def stages_side_by_side(ex: ExecutorConfig) -> bool:
+    """Whether stages that do not depend on each other (questions and samples) run at once: on Slurm (each
+    its own throttled array) and locally when several tasks may run (sharing local_parallelism); not in
+    the debug executor or when one local task runs at a time."""
+    return ex.kind is ExecutorKind.slurm or (ex.kind is ExecutorKind.local and ex.local_parallelism > 1)
 
 
 def split_arrays(items: list[T], max_array_size: int) -> list[list[T]]:
@@ -278,19 +285,28 @@ def sbatch_options(res: StageResources, signal_delay_s: int | None, ranks: bool 
     return opts
 
 
-def _array_jobs(name: str, count: int, first: int, limit: int, throttle: int) -> list[tuple[str, int, int, int]]:
-    """(shell variable, offset, size, %N) of the arrays that run shards first..count-1: indices start at 0 in
-    each (they must stay below MaxArraySize), the offset reaches the shard; %N shared (share_throttle)."""
-    starts = list(range(first, count, limit))
+def _array_jobs(name: str, count: int, first: int, limit: int, throttle: int,
+                per_task: int = 1) -> list[tuple[str, int, int, int]]:
+    """(shell variable, offset, size, %N) of the arrays that run shards first..count-1, ``per_task`` shards per
+    array task: indices start at 0 in each array (they must stay below MaxArraySize), the offset is the first
+    shard of its array (index i runs shards offset + i * per_task onwards); %N shared (share_throttle)."""
+    tasks = -(-(count - first) // per_task)  # array tasks in all, the last one maybe with fewer shards
+    starts = list(range(0, tasks, limit))
     throttles = share_throttle(throttle, len(starts))
-    return [(f"{name}_{i}" if len(starts) > 1 else name, start, min(limit, count - start), t)
+    return [(f"{name}_{i}" if len(starts) > 1 else name, first + start * per_task, min(limit, tasks - start), t)
             for i, (start, t) in enumerate(zip(starts, throttles, strict=True))]
+
+
+# the sharded stages each one reads (the sbatch chain's afterok dependencies)
+_INPUTS = {"prompts": (), "questions": ("prompts",), "samples": ("prompts",), "scores": ("questions", "samples")}
 
 
 def sbatch_iteration(run: RunDir, iteration: int, limits: SlurmLimits, scripts: str = "slurm/sbatch") -> str:
     """The shell commands that run one iteration with plain sbatch and afterok dependencies: each sharded stage
-    as arrays over its shards (split within MaxArraySize, the throttle shared), then pairs, then train; job
-    names after run/stage/iteration, logs under the run, the run's resources (executor.default/stages)."""
+    as arrays over its shards (`shards_per_task` shards per array task; split within MaxArraySize, the
+    throttle shared), questions and samples side by side after prompts, scores after both, then pairs, then
+    train; job names after run/stage/iteration, logs under the run, the run's resources
+    (executor.default/stages)."""
     from silmm.config import PromptSource
 
     cfg = run.config
@@ -316,18 +332,25 @@ def sbatch_iteration(run: RunDir, iteration: int, limits: SlurmLimits, scripts: 
         lines.append(f"{var}=$(sbatch --parsable {' '.join(opts)} {scripts}/{script} \"$RUN\" {iteration}{args} "
                      "| cut -d';' -f1)")
 
+    jobs: dict[str, list[str]] = {}  # stage -> its array jobs' shell variables
     for stage in SHARD_STAGES:
-        jobs = []
-        throttle = cfg.resources(stage).array_parallelism
+        # questions and samples read only the prompts: both wait for them, side by side; scores waits for both
+        after = [v for s in _INPUTS[stage] for v in jobs[s]]
+        jobs[stage] = []
+        res = cfg.resources(stage)
         first = 1 if stage == "prompts" and files else 0
         if first:  # prompt files: shard 0 first; the files' shard count is known once it is written
             submit("prompts_first", stage, "stage.sh", " prompts", ["--array=0"])
-            after, jobs = ["prompts_first"], ["prompts_first"]
-        for var, offset, size, pct in _array_jobs(stage, count, first, limit, throttle):
-            export = [f"--export=ALL,SILMM_SHARD_OFFSET={offset}"] if offset else []
+            after, jobs[stage] = ["prompts_first"], ["prompts_first"]
+        for var, offset, size, pct in _array_jobs(stage, count, first, limit, res.array_parallelism,
+                                                  res.shards_per_task):
+            env = [f"SILMM_SHARD_OFFSET={offset}"] if offset else []
+            if res.shards_per_task > 1:  # stage.sh: array index i runs shards offset + i * per_task onwards
+                env.append(f"SILMM_SHARDS_PER_TASK={res.shards_per_task}")
+            export = [f"--export=ALL,{','.join(env)}"] if env else []
             submit(var, stage, "stage.sh", f" {stage}", [f"--array=0-{size - 1}%{pct}", *export])
-            jobs.append(var)
-        after = jobs
+            jobs[stage].append(var)
+    after = jobs["scores"]
     submit("pairs", "pairs", "pairs.sh", "", [])
     after = ["pairs"]
     submit("train", "train", "train.sh", "", [])

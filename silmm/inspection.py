@@ -10,7 +10,9 @@ import h5py
 
 from silmm.fsutil import human_bytes
 from silmm.rundir import SHARD_STAGES, RunDir
-from silmm.store import ShardError, read_shard, validate_shard
+from silmm.store import ShardError, indexed_samples, read_shard, validate_shard
+
+REMOVED_BY_GC = "removed by gc"  # verify's note (not a problem) for a shard `silmm gc` removed (silmm/gc.py)
 
 
 def describe_shard(path: str | Path) -> str:
@@ -48,10 +50,11 @@ class StageStatus:
     bad: list[tuple[Path, str]] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)
     size: int = 0
+    removed: list[Path] = field(default_factory=list)  # by `silmm gc` (iter_K/gc.json), not there any more
 
     @property
     def missing(self) -> int:
-        return max(self.expected - len(self.done) - len(self.bad), 0)
+        return max(self.expected - len(self.done) - len(self.bad) - len(self.removed), 0)
 
 
 def stage_status(run: RunDir, iteration: int, stage: str, full: bool = False) -> StageStatus:
@@ -76,6 +79,10 @@ def stage_status(run: RunDir, iteration: int, stage: str, full: bool = False) ->
         for k, v in json.loads(shard.attrs["row_counts"]).items():
             status.rows[k] = status.rows.get(k, 0) + int(v)
     if stage != "pairs":
+        from silmm.gc import removed_by_gc
+
+        status.removed = sorted(p for p in removed_by_gc(run, iteration) if p.parent == run.stage_dir(iteration, stage)
+                                and _shard_index(p) is not None and not p.exists())
         done_names = {p.name for p in status.done}
         for prog in sorted(run.stage_dir(iteration, stage).glob("shard_*.h5.progress")):
             if prog.name.removesuffix(".progress") not in done_names:
@@ -97,6 +104,8 @@ def describe_run(run: RunDir) -> str:
                 parts.append(f"{len(s.in_progress)} in progress")
             if s.bad:
                 parts.append(f"{len(s.bad)} BAD")
+            if s.removed:
+                parts.append(f"{len(s.removed)} {REMOVED_BY_GC}")
             if s.missing:
                 parts.append(f"{s.missing} missing")
             rows = ", ".join(f"{k}={v}" for k, v in sorted(s.rows.items()))
@@ -116,13 +125,17 @@ def inspect_path(path: str | Path) -> str:
 def verify_run(run: RunDir) -> list[tuple[Path, str]]:
     """Every problem of a run in one pass, never stopping at the first: bad shards (checksums included),
     missing and leftover shards, progress and temporary files, moved-aside files, a missing or damaged model
-    of a finished iteration, bad benchmark shards. Returns (path, problem) pairs; empty when all is well."""
+    of a finished iteration, bad benchmark shards. Returns (path, problem) pairs; empty when all is well.
+    A shard of a finished iteration that `silmm gc` removed (iter_K/gc.json) comes as a note starting with
+    REMOVED_BY_GC instead of "missing"; `silmm verify` prints it and does not fail for it."""
+    from silmm.gc import removed_by_gc
     from silmm.tasks import expectations, model_problem
 
     problems: list[tuple[Path, str]] = []
     finished = set(run.state().get("done", {}))
     for it in run.iterations_on_disk():
         done_iter = f"iter_{it:02d}" in finished
+        removed = removed_by_gc(run, it) if done_iter else {}  # a finished iteration's samples need not stay
         n = run.num_shards(it)
         for stage in SHARD_STAGES:
             folder = run.stage_dir(it, stage)
@@ -138,7 +151,9 @@ def verify_run(run: RunDir) -> list[tuple[Path, str]]:
                     problems.append((f, f"bad: {problem}"))
             if n is not None and (done_iter or folder.is_dir()):
                 for i in sorted(set(range(n)) - present):
-                    problems.append((run.shard_path(it, stage, i), "missing"))
+                    path = run.shard_path(it, stage, i)
+                    problems.append((path, f"{REMOVED_BY_GC} at {removed[path]} (a note, not a problem)"
+                                     if path in removed else "missing"))
             for prog in sorted(folder.glob("shard_*.h5.progress")):
                 final = prog.with_name(prog.name.removesuffix(".progress"))
                 what = "left beside a finished shard" if final.is_file() else "of an unfinished task"
@@ -148,6 +163,10 @@ def verify_run(run: RunDir) -> list[tuple[Path, str]]:
             problem = validate_shard(pairs, **expectations(run, it, "pairs"))
             if problem:
                 problems.append((pairs, f"bad: {problem}"))
+            elif not run.config.discrete and model_problem(run.model_dir(it)):  # training still reads them
+                pairs_shard = read_shard(pairs, columns=(), verify_checksums=False)
+                problems += [(pairs, f"indexes a bad samples shard: {p}")
+                             for p in indexed_samples(pairs_shard, expectations(run, it, "pairs")["options"])[1]]
         elif done_iter:
             problems.append((pairs, "missing"))
         model = run.model_dir(it)

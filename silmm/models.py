@@ -7,12 +7,15 @@ the policy's starting point and the reference (the trained model becomes the nex
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from silmm.backends.base import LMMBackend
@@ -80,20 +83,53 @@ def model_path(run: RunDir, iteration: int) -> Path:
     return Path(run.config.model.path) if iteration == 1 else run.model_dir(iteration - 1)
 
 
+# The models loaded by the task running in this process, while it works through several shards (shared_models);
+# None otherwise: every load_backend loads.
+_shared: dict[str, LMMBackend] | None = None
+
+
+@contextmanager
+def shared_models() -> Iterator[None]:
+    """Inside, load_backend hands out the model it already loaded for the same checkpoint and settings, so a
+    task working through several shards (tasks.ShardGroup) reads the weights once; on exit they are released.
+    The stages use a model read-only (every draw seeded by its own arguments), so a shard computed with a
+    model shared with earlier shards is the shard a fresh model writes (tested byte for byte)."""
+    global _shared
+    if _shared is not None:  # nested: the outer task owns the models
+        yield
+        return
+    _shared = {}
+    try:
+        yield
+    finally:
+        _shared = None
+        gc.collect()  # the weights go now, not whenever the collector next runs
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def load_backend(run: RunDir, iteration: int, path: str | Path | None = None) -> LMMBackend:
     """The iteration's starting model (policy start = reference) through its backend; ``path``: another
-    checkpoint of the same backend (a separate judge)."""
+    checkpoint of the same backend (a separate judge). Within shared_models(), loaded once per checkpoint."""
     cfg = run.config
     if iteration == 1 and path is None:
         ensure_base_model(cfg)
     model_cfg = dataclasses.replace(cfg.model, path=str(path if path is not None else model_path(run, iteration)))
     module, cls_name, _, _ = BACKENDS[cfg.model.backend]
-    cls = getattr(importlib.import_module(module), cls_name)
     kwargs = {"logprob_mode": cfg.train.logprob_mode} if cfg.discrete else {}
+    key = repr((cls_name, model_cfg, cfg.sampling, kwargs))  # everything the load below depends on
+    if _shared is not None and key in _shared:
+        log.info("%s from %s: loaded already by this task, shared", cls_name, model_cfg.path)
+        return _shared[key]
+    cls = getattr(importlib.import_module(module), cls_name)
     t0 = time.time()
     backend = cls.load(model_cfg, cfg.sampling, **kwargs)
     log.info("loaded %s from %s on %s/%s in %.1f s", cls_name, model_cfg.path, backend.device,
              str(backend.dtype).removeprefix("torch."), time.time() - t0)
+    if _shared is not None:
+        _shared[key] = backend
     return backend
 
 

@@ -225,16 +225,38 @@ class LiveStatus:
     def update(self, label: str, tasks: Sequence[tuple[Path, str]], t0: float) -> None:
         """``tasks``: (record path, driver state: done, running, pending, missing or failed) per task."""
         now = self.clock()
+        progress, figures, tasks_text = self._figures(tasks, now)
+        if self.tty:
+            self._draw(label, progress, tasks_text, now - t0)
+        elif self._due(now):
+            log.info("%s: %s; %s; %s elapsed", label, figures, tasks_text, tqdm.format_interval(now - t0))
+
+    def update_stages(self, label: str, stages: Sequence[tuple[str, Sequence[tuple[Path, str]]]], t0: float) -> None:
+        """Several stages waited for together (questions and samples): each one's figures, side by side on one
+        line (``stages``: (stage, its tasks as for :meth:`update`))."""
+        now = self.clock()
+        parts = []
+        for stage, tasks in stages:
+            _, figures, tasks_text = self._figures(tasks, now)
+            parts.append(f"{stage}: {figures}; {tasks_text}")
+        line = f"{label} " + " | ".join(parts) + f"; {tqdm.format_interval(now - t0)} elapsed"
+        if self.tty:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self.stream.write("\r" + line[:width] + "\x1b[K")
+            self.stream.flush()
+            self._drawn = True
+        elif self._due(now):
+            log.info("%s", line)
+
+    def _figures(self, tasks: Sequence[tuple[Path, str]], now: float) -> tuple[StageProgress | None, str, str]:
+        """A stage's aggregate (None without records), its figures as text, and its task counts as text."""
         counts = {s: sum(state == s or (s == "pending" and state == "missing") for _, state in tasks) for s in STATES}
         progress = aggregate([self._record(path, state) for path, state in tasks],
                              [state == "done" for _, state in tasks], now)
         tasks_text = (f"tasks {counts['done']}/{len(tasks)} done, {counts['running']} running, {counts['pending']} pending"
                       + (f", {counts['failed']} FAILED" if counts["failed"] else ""))
-        if self.tty:
-            self._draw(label, progress, tasks_text, now - t0)
-        elif self._due(now):
-            figures = describe(progress) if progress else f"{counts['done']}/{len(tasks)} tasks done"
-            log.info("%s: %s; %s; %s elapsed", label, figures, tasks_text, tqdm.format_interval(now - t0))
+        figures = describe(progress) if progress else f"{counts['done']}/{len(tasks)} tasks done"
+        return progress, figures, tasks_text
 
     def end(self) -> None:
         """The stage is over (or failed): keep its last line, start the next stage's afresh."""

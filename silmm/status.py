@@ -68,28 +68,31 @@ def describe_status(run: RunDir) -> str:
         lines.append(f"iter_{it:02d}")
         for stage in STAGE_ORDER:
             entries = {k: v for k, v in book.items() if k.startswith(f"iter_{it:02d}/{stage}/")}
+            removed = 0  # shards `silmm gc` removed once the iteration was finished (iter_K/gc.json)
             if stage == "train":
                 done, expected = int((run.model_dir(it) / "DONE").is_file()), 1
             else:
                 st = stage_status(run, it, stage)
-                done, expected = len(st.done), st.expected
+                done, expected, removed = len(st.done), st.expected, len(st.removed)
             running = failed = 0
             jobs = []
             for e in entries.values():
                 state = _slurm_state(sl, str(e["job_id"]), e["state"]) if e.get("kind") == "slurm" else e["state"]
                 running += _in_flight(state)
                 failed += state.lower() in ("failed", "cancelled", "timeout", "out_of_memory", "node_fail")
-                if e.get("job_id") and state.lower() not in ("done", "completed"):
-                    jobs.append(f"{e['job_id']}:{state}")
+                job = f"{e['job_id']}:{state}"
+                if e.get("job_id") and state.lower() not in ("done", "completed") and job not in jobs:
+                    jobs.append(job)  # once: the shards of a multi-shard task share their job
             secs = _stats_seconds(run, it, stage)
             # a running stage: units done of total, rate and ETA from its tasks' records; else the serial guess
             eta = _progress_text(run, it, stage, [s in st.done for s in _shard_files(run, it, stage, expected)]
                                  if stage != "train" else [bool(done)])
-            if not eta and secs and done < expected:
+            if not eta and secs and done + removed < expected:
                 eta = f"  ~{sum(secs) / len(secs):.0f}s/task, eta {(expected - done) * sum(secs) / len(secs):.0f}s serial"
-            missing = max(expected - done - running, 0)
+            missing = max(expected - done - removed - running, 0)
+            gone = f"  removed by gc {removed}" if removed else ""
             lines.append(f"  {stage:9s} done {done}/{expected}  running {running}  failed {failed}  missing {missing}"
-                         f"{eta}{'  jobs ' + ' '.join(jobs[:8]) if jobs else ''}")
+                         f"{gone}{eta}{'  jobs ' + ' '.join(jobs[:8]) if jobs else ''}")
     lines += _eval_status(run)
     return "\n".join(lines)
 
@@ -151,10 +154,13 @@ def cancel(run: RunDir, wait_s: float | None = None) -> list[str]:
     if live:
         subprocess.run(["scancel", *live], check=False)
         done += [f"slurm job {j}" for j in live]
+    signalled: set[str] = set()  # the shards of a multi-shard task share their job: signal it once
     for e in book.values():
         jid = str(e.get("job_id", ""))
-        if e.get("kind") != "local" or e.get("state") not in ("pending", "running") or not jid.isdigit():
+        if e.get("kind") != "local" or e.get("state") not in ("pending", "running") or not jid.isdigit() \
+                or jid in signalled:
             continue
+        signalled.add(jid)
         if e.get("host", here) != here:
             done.append(f"local job {jid} runs on {e['host']}: not signalled from here; run there: kill -INT {jid}")
         elif process_alive(int(jid), e.get("pid_start")):

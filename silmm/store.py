@@ -61,6 +61,7 @@ class Column:
     inner: tuple[str, ...] = ()  # names of trailing axes (fixed within a shard), e.g. ("T",) or ("L", "D")
     counts: str | None = None  # for *_count columns: the row kind whose rows it counts
     family: str | None = None  # "discrete" / "continuous": that family only; "optional": either; None: always
+    also: tuple[str, ...] = ()  # other numeric dtypes the column may hold, kept as given (half-precision H)
 
     @property
     def optional(self) -> bool:
@@ -123,13 +124,14 @@ SCHEMAS: dict[str, StageSchema] = {
                 _c("tokens", "int64", "samples", "discrete: visual token ids", inner=("T",), family="discrete"),
                 _c("ref_logprob", "float32", "samples", "discrete: log pi_ref(z|x) summed over image "
                    "positions", family="discrete"),
-                _c("features", "float32", "samples", "continuous: sampled feature matrix H", inner=("L", "D"),
-                   family="continuous"),
+                _c("features", "float32", "samples", "continuous: sampled feature matrix H, in "
+                   "store.features_dtype (the samples stage decoded and scored these rounded values)",
+                   inner=("L", "D"), family="continuous", also=("float16",)),
                 _c("image_png", BYTES, "samples", "decoded image as PNG bytes (empty if not stored)"),
                 _c("ref_prompt_id", "int64", "ref_prompts", "continuous: prompt id of each reference "
                    "feature row", family="continuous"),
                 _c("ref_features", "float32", "ref_prompts", "continuous: the reference's deterministic "
-                   "features H_r", inner=("L", "D"), family="continuous"),
+                   "features H_r, in store.features_dtype", inner=("L", "D"), family="continuous", also=("float16",)),
             ),
         ),
         StageSchema(
@@ -149,7 +151,10 @@ SCHEMAS: dict[str, StageSchema] = {
         ),
         StageSchema(
             "pairs",
-            "Selected preference pairs with everything training needs (one file per iteration).",
+            "Selected preference pairs with everything training needs (one file per iteration). Continuous: "
+            "the feature matrices stay in the samples shards, indexed by shard and row; `extra.samples_shards` "
+            "lists each shard referenced (path relative to the iteration directory, and the CRC32s of its "
+            "feature columns at selection time: training refuses a shard that has changed since).",
             (
                 _c("prompt_id", "int64", "pairs", "prompt id"),
                 _c("text", STR, "pairs", "prompt text"),
@@ -164,13 +169,14 @@ SCHEMAS: dict[str, StageSchema] = {
                 _c("chosen_ref_logprob", "float32", "pairs", "discrete: log pi_ref of chosen", family="discrete"),
                 _c("rejected_ref_logprob", "float32", "pairs", "discrete: log pi_ref of rejected",
                    family="discrete"),
-                _c("chosen_row", "int64", "pairs", "continuous: row of H_w in `features`", family="continuous"),
-                _c("rejected_row", "int64", "pairs", "continuous: row of H_l in `features`", family="continuous"),
-                _c("ref_row", "int64", "pairs", "continuous: row of H_r in `ref_features`", family="continuous"),
-                _c("features", "float32", "feature_rows", "continuous: each sampled H used by a pair, once "
-                   "(top-k x bottom-k pairs share them)", inner=("L", "D"), family="continuous"),
-                _c("ref_features", "float32", "ref_rows", "continuous: the reference's H_r of each prompt",
-                   inner=("L", "D"), family="continuous"),
+                _c("samples_shard", "int32", "pairs", "continuous: the samples shard holding H_w, H_l and H_r "
+                   "(iter_K/samples/shard_<samples_shard>.h5)", family="continuous"),
+                _c("chosen_row", "int64", "pairs", "continuous: row of H_w in that shard's `features`",
+                   family="continuous"),
+                _c("rejected_row", "int64", "pairs", "continuous: row of H_l in that shard's `features`",
+                   family="continuous"),
+                _c("ref_row", "int64", "pairs", "continuous: row of H_r in that shard's `ref_features`",
+                   family="continuous"),
             ),
         ),
         StageSchema(
@@ -291,15 +297,17 @@ def _as_array(col: Column, values: Any, where: str) -> np.ndarray:
         raise ShardError(f"{where}: column '{col.name}' is numeric ({col.kind}), got dtype {arr.dtype}")
     if arr.size and col.kind != "bool" and arr.dtype.kind == "f" and np.dtype(col.kind).kind in "iu":
         raise ShardError(f"{where}: column '{col.name}' is {col.kind}, got floats")
+    if arr.dtype.name in col.also:
+        return arr  # the writer chose this precision (jobs/samples.py checks the range first)
     return arr.astype(col.kind, copy=False)
 
 
-def _h5_dtype(col: Column) -> Any:
+def _h5_dtype(col: Column, arr: np.ndarray) -> Any:
     if col.kind == STR:
         return h5py.string_dtype("utf-8")
     if col.kind == BYTES:
         return h5py.vlen_dtype(np.uint8)
-    return np.dtype(col.kind)
+    return arr.dtype  # col.kind, or one of col.also (_as_array)
 
 
 def _crc(arr: np.ndarray, kind: str, crc: int = 0) -> int:
@@ -453,9 +461,9 @@ def write_shard(path: str | Path, meta: ShardMeta, data: Mapping[str, Any],
                 kwargs = _row_chunks(col, arr.shape[1:], options) if col.inner and arr.shape[0] > 0 else {}
                 if arr.shape[0]:
                     # data= at creation: assigning equal-length vlen rows later fails to broadcast
-                    f.create_dataset(col.name, data=arr, dtype=_h5_dtype(col), **kwargs)
+                    f.create_dataset(col.name, data=arr, dtype=_h5_dtype(col, arr), **kwargs)
                 else:
-                    f.create_dataset(col.name, shape=arr.shape, dtype=_h5_dtype(col), **kwargs)
+                    f.create_dataset(col.name, shape=arr.shape, dtype=_h5_dtype(col, arr), **kwargs)
                 checksums[col.name] = _crc(arr, col.kind)
             _write_attrs(f, meta, rows, checksums)
         _commit(tmp, path)
@@ -499,11 +507,14 @@ class StreamWriter:
             if col.name not in self.file:
                 chunks = _row_chunks(col, arr.shape[1:], self.options) if col.inner else {"chunks": (4096,)}
                 self.file.create_dataset(col.name, shape=(0, *arr.shape[1:]), maxshape=(None, *arr.shape[1:]),
-                                         dtype=_h5_dtype(col), **chunks)
+                                         dtype=_h5_dtype(col, arr), **chunks)
             dset = self.file[col.name]
             if dset.shape[1:] != arr.shape[1:]:
                 raise ShardError(f"{self.path}: column '{col.name}' has rows of shape {arr.shape[1:]}, earlier "
                                  f"blocks {dset.shape[1:]}")
+            if col.also and dset.dtype != arr.dtype:
+                raise ShardError(f"{self.path}: column '{col.name}' has a block of {arr.dtype}, earlier blocks "
+                                 f"{dset.dtype}")
             start = dset.shape[0]
             dset.resize(start + arr.shape[0], axis=0)
             if col.kind == BYTES:  # one by one: equal-length byte rows would not broadcast
@@ -647,6 +658,10 @@ def _read(path: Path, expect: dict[str, Any], verify: bool, options: StoreOption
                 raise ShardError(f"{path}: unexpected dataset '{name}' for stage '{meta.stage}'")
         _check_families(schema, names, str(path), expect["family"])
         _check_shapes(path, schema, {name: f[name].shape for name in names}, row_counts)
+        for col in schema.columns:
+            if col.name in names and col.kind in NUMERIC and f[col.name].dtype.name not in (col.kind, *col.also):
+                raise ShardError(f"{path}: dataset '{col.name}' is {f[col.name].dtype}, expected "
+                                 f"{' or '.join((col.kind, *col.also))}")
         if verify:
             lost = sorted(set(sums) - names)
             if lost:
@@ -704,6 +719,33 @@ def _check_shapes(path: Path, schema: StageSchema, shapes: dict[str, tuple[int, 
         if row_counts.get(col.rows) != shape[0]:
             raise ShardError(f"{path}: dataset '{col.name}' has {shape[0]} rows, the shard records "
                              f"{row_counts.get(col.rows)} {col.rows} rows (incomplete)")
+
+
+def indexed_samples(pairs: Shard, options: StoreOptions = StoreOptions()) -> tuple[dict[int, Path], list[str]]:
+    """Continuous pairs index rows of the samples shards (jobs/pairs.py): each shard ``pairs.meta.extra``
+    records (index -> path) and what is wrong with them -- gone, not the run's samples shard of that index,
+    or holding other feature or id columns than at pair selection (CRC32s recorded then, compared with those
+    the shard's attributes store now: no data is re-read). Each problem names the file."""
+    records = pairs.meta.extra.get("samples_shards")
+    if not isinstance(records, list) or not records:
+        return {}, [f"{pairs.path}: continuous pairs without `extra.samples_shards` (written by an older silmm?)"]
+    found: dict[int, Path] = {}
+    problems = []
+    for rec in records:
+        path = pairs.path.parent / rec["path"]
+        try:
+            shard = read_shard(path, "samples", pairs.meta.config_hash, pairs.meta.iteration, verify_checksums=False,
+                               options=options, columns=(), shard_index=rec["shard"], family="continuous")
+        except ShardError as exc:
+            problems.append(str(exc))
+            continue
+        stored = json.loads(shard.attrs["checksums"])
+        changed = sorted(k for k, crc in rec["checksums"].items() if stored.get(k) != crc)
+        if changed:
+            problems.append(f"{path}: {changed} differ from what {pairs.path.name} recorded at pair selection "
+                            "(shard regenerated or replaced)")
+        found[int(rec["shard"])] = path
+    return found, problems
 
 
 def validate_shard(path: str | Path, **kwargs: Any) -> str | None:
@@ -891,7 +933,7 @@ def schema_markdown() -> str:
         out += ["", f"### {schema.stage}", "", schema.doc, "",
                 "| dataset | dtype | shape | meaning |", "|---|---|---|---|"]
         for c in schema.columns:
-            dtype = {STR: "UTF-8 string (vlen)", BYTES: "uint8 (vlen)"}.get(c.kind, c.kind)
+            dtype = {STR: "UTF-8 string (vlen)", BYTES: "uint8 (vlen)"}.get(c.kind, " or ".join((*c.also, c.kind)))
             shape = "[" + ", ".join((c.rows, *c.inner)) + "]"
             notes = []
             if c.counts:

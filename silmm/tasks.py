@@ -1,10 +1,11 @@
-"""A stage task: one shard of one stage of one iteration (the datatrove executor shape).
+"""A stage task: one shard of one stage of one iteration (the datatrove executor shape), or a group of them.
 
 `StageTask` is what submitit pickles and runs: paths and small values only, never models. A task that
 finds its output complete does nothing; otherwise it logs to its own file, runs the stage's job
 function (`jobs.<stage>.run`), and writes its stats as JSON beside the log. It is checkpointable: on
 preemption or time-out (USR2) submitit calls :meth:`StageTask.checkpoint`, which flushes the shard's
-progress, and the requeued task resumes from it.
+progress, and the requeued task resumes from it. A `ShardGroup` (`shards_per_task` > 1) runs several shards'
+tasks in one process, one after another, and loads their model once.
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ from silmm.executors import set_task_threads
 from silmm.fsutil import atomic_write_text, manifest_problem
 from silmm.progress import BAR_FORMAT, recording, task_recorder
 from silmm.rundir import MODEL_DONE, SHARD_STAGES, RunDir
-from silmm.store import Shard, ShardMeta, ShardWriter, StoreOptions, quarantine, read_shard, validate_shard
+from silmm.store import (
+    Shard,
+    ShardMeta,
+    ShardWriter,
+    StoreOptions,
+    indexed_samples,
+    quarantine,
+    read_shard,
+    validate_shard,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,16 +61,81 @@ class StageTask(submitit.helpers.Checkpointable):
         return run_task(self)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        writer = _active_writer
-        if writer is not None and not writer.flushing:
-            writer.flush()  # keep what is computed; the requeued task resumes after it
-            log.warning("preempted: flushed progress of %s (%d prompts done)", writer.path, len(writer.done))
+        _flush_active_writer()
         return super().checkpoint(*args, **kwargs)
 
     @property
     def name(self) -> str:
         bench = f"/{self.benchmark}" if self.benchmark else ""
         return f"iter_{self.iteration:02d}/{self.stage}{bench}/shard_{self.shard:05d}"
+
+
+class ShardsFailed(RuntimeError):
+    """Several shards of one ShardGroup failed; the message names each shard and its error (one line)."""
+
+
+@dataclass
+class ShardGroup(submitit.helpers.Checkpointable):
+    """Several shards of one stage as one task (`shards_per_task`): each shard runs as its own StageTask would
+    (its lease, skip when done, resume from its progress, its log, stats and progress record), in order, and
+    the model is loaded once for all of them (models.shared_models). A shard that is done, or whose output
+    another writer holds, is passed over; a shard that fails does not stop the others: the group raises once
+    all were tried (the error itself when one shard failed, ShardsFailed naming each when several did), so
+    the driver retries only the shards not done. On preemption it flushes the shard in progress and is
+    requeued whole: the shards done by then are skipped."""
+
+    run_dir: str
+    iteration: int
+    stage: str
+    shards: tuple[int, ...]
+    benchmark: str = ""
+
+    def tasks(self) -> list[StageTask]:
+        return [StageTask(self.run_dir, self.iteration, self.stage, s, self.benchmark) for s in self.shards]
+
+    def __call__(self) -> dict[str, Any]:
+        return run_group(self)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        _flush_active_writer()
+        return super().checkpoint(*args, **kwargs)
+
+    @property
+    def name(self) -> str:
+        tasks = self.tasks()
+        return f"{tasks[0].name}..{tasks[-1].shard:05d}" if len(tasks) > 1 else tasks[0].name
+
+
+def run_group(group: ShardGroup) -> dict[str, Any]:
+    """The shards of ``group`` one after another, models shared; their results by shard index."""
+    global _active_writer
+    from silmm.models import shared_models
+
+    results: dict[int, dict[str, Any]] = {}
+    errors: list[tuple[StageTask, Exception]] = []
+    with shared_models():
+        for task in group.tasks():
+            try:
+                results[task.shard] = run_task(task)
+            except Exception as exc:  # reported below, after the other shards had their turn
+                log.error("%s failed, going on with the group's next shard: %s: %s", task.name, type(exc).__name__,
+                          exc, exc_info=True)
+                errors.append((task, exc))
+            finally:  # its lease is released: a preemption from now on must not flush its writer
+                _active_writer = None
+    if len(errors) == 1:
+        raise errors[0][1]
+    if errors:
+        raise ShardsFailed(f"{len(errors)} of {len(group.shards)} shards failed: " + "; ".join(
+            f"{t.name}: {type(e).__name__}: {' '.join(str(e).split())}" for t, e in errors))
+    return {"task": group.name, "shards": results}
+
+
+def _flush_active_writer() -> None:
+    writer = _active_writer
+    if writer is not None and not writer.flushing:
+        writer.flush()  # keep what is computed; the requeued task resumes after it
+        log.warning("preempted: flushed progress of %s (%d prompts done)", writer.path, len(writer.done))
 
 
 def output_path(run: RunDir, task: StageTask) -> Path:
@@ -124,7 +199,20 @@ def output_problem(run: RunDir, task: StageTask) -> str | None:
                 return problem
             return None if E.shard_is_current(plan, task.shard, plan.eval_hash()) else "stale"
         return None if is_current(out, plan.eval_hash()) else "stale"
-    return validate_shard(out, **expectations(run, task.iteration, task.stage, task.shard))
+    problem = validate_shard(out, **expectations(run, task.iteration, task.stage, task.shard))
+    return problem or (_indexed_samples_problem(run, out) if task.stage == "pairs" else None)
+
+
+def _indexed_samples_problem(run: RunDir, pairs_path: Path) -> str | None:
+    """Continuous pairs index rows of the samples shards: pairs selected from samples that were regenerated
+    or replaced since are stale (moved aside and selected again), not a training failure later."""
+    options = StoreOptions.from_config(run.config.store)
+    pairs = read_shard(pairs_path, columns=(), verify_checksums=False, options=options)
+    if "samples_shards" not in pairs.meta.extra:  # discrete pairs hold their tokens
+        return None
+    _, problems = indexed_samples(pairs, options)
+    return f"stale: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") \
+        if problems else None
 
 
 def is_done(run: RunDir, task: StageTask) -> bool:

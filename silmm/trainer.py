@@ -57,7 +57,7 @@ from silmm.losses import (
 )
 from silmm.rundir import MODEL_DONE
 from silmm.seeding import derive_seed
-from silmm.store import ShardError, StoreOptions, quarantine, read_shard
+from silmm.store import ShardError, StoreOptions, indexed_samples, quarantine, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,15 @@ class TrainingError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------- batch math
+def _copies_features(path: Path, options: StoreOptions) -> bool:
+    """Whether ``path`` is a pairs.h5 of the older continuous layout (matrices copied into `features`)."""
+    try:
+        with h5py.File(path, "r", locking=options.file_locking) as f:
+            return "features" in f
+    except (OSError, ValueError):
+        return False
+
+
 def micro_batch_size(batch_size: int, grad_accum: int, world_size: int) -> int:
     """Pairs per forward on one rank: ``batch_size = micro * grad_accum * world_size``."""
     per_step = grad_accum * world_size
@@ -179,6 +188,12 @@ class PairsFile:
     Opening checks it through :func:`silmm.store.read_shard` (stage, config hash, iteration, structure) and
     refuses an empty file. Nothing else is loaded: each micro-batch reads its rows of every column it needs
     (continuous runs have ~100 pairs per prompt, i.e. millions of pairs; their texts alone would be GBs).
+
+    Continuous pairs index rows of the iteration's samples shards (jobs/pairs.py): opening also checks each
+    referenced shard against what pairs.h5 recorded of it (its structure, stage, iteration and the CRC32s of
+    its feature and id columns: attributes only, no re-read) and keeps it open; H is read as float32 whatever
+    its stored precision. A pairs.h5 of the older layout, which copied the matrices into `features`, is
+    refused: re-running the pairs stage writes the current one.
     """
 
     def __init__(self, path: Path, config_hash: str, iteration: int, options: StoreOptions):
@@ -186,19 +201,47 @@ class PairsFile:
         try:
             shard = read_shard(self.path, "pairs", config_hash, iteration, options=options, columns=())
         except ShardError as exc:
-            raise TrainingError(f"cannot train: {exc}") from None
+            hint = " (a pairs.h5 of the older layout that copied the feature matrices: re-run the pairs stage)" \
+                if _copies_features(self.path, options) else ""
+            raise TrainingError(f"cannot train: {exc}{hint}") from None
         self.num_pairs = shard.rows("pairs")
         if self.num_pairs == 0:
             raise TrainingError(f"{self.path}: holds no pairs; nothing to train on (check the scores and the "
                                 "pairs.* settings, then re-run the pairs stage)")
         self._h5 = h5py.File(self.path, "r", locking=options.file_locking)
+        self._samples: dict[int, h5py.File] = {}  # continuous: samples shard index -> open file
         self.family = "discrete" if "chosen_tokens" in self._h5 else "continuous"
         needed = ("chosen_tokens", "rejected_tokens") if self.family == "discrete" else (
-            "chosen_row", "rejected_row", "features")
+            "samples_shard", "chosen_row", "rejected_row")
         missing = [c for c in needed if c not in self._h5]
         if missing:
             self.close()
             raise TrainingError(f"{self.path}: {self.family} pairs without {missing}")
+        if self.family == "continuous":
+            try:
+                self._samples = self._open_samples(shard, options)
+            except TrainingError:
+                self.close()
+                raise
+
+    def _open_samples(self, shard: Any, options: StoreOptions) -> dict[int, h5py.File]:
+        """Each samples shard pairs.h5 indexes, checked against what pair selection recorded of it
+        (:func:`silmm.store.indexed_samples`) and opened; any problem is a TrainingError naming the file."""
+        paths, problems = indexed_samples(shard, options)
+        used = set(np.unique(self._h5["samples_shard"][:]).tolist())
+        if not problems and used - set(paths):
+            problems.append(f"{self.path}: pairs index samples shards {sorted(used - set(paths))} that "
+                            "`extra.samples_shards` does not record (corrupt)")
+        if problems:
+            raise TrainingError("cannot train: " + "; ".join(problems) + ". The pairs index rows of the samples "
+                                "shards, which are needed until the iteration's model is DONE: re-run the pairs "
+                                "stage (after the samples stage if a shard is gone)")
+        files = {i: h5py.File(p, "r", locking=options.file_locking) for i, p in sorted(paths.items())}
+        if len({f["features"].shape[1:] for f in files.values()}) != 1:
+            for f in files.values():
+                f.close()
+            raise TrainingError(f"{self.path}: its samples shards hold H of different shapes")
+        return files
 
     def __len__(self) -> int:
         return self.num_pairs
@@ -206,11 +249,12 @@ class PairsFile:
     @property
     def has_reference(self) -> bool:
         """Whether the reference model's values were stored (then training runs no reference forward)."""
-        names = ("chosen_ref_logprob", "rejected_ref_logprob") if self.family == "discrete" else (
-            "ref_row", "ref_features")
+        names = ("chosen_ref_logprob", "rejected_ref_logprob") if self.family == "discrete" else ("ref_row",)
         return all(n in self._h5 for n in names)
 
     def close(self) -> None:
+        for f in self._samples.values():
+            f.close()
         self._h5.close()
 
     def _read(self, name: str, rows: np.ndarray) -> np.ndarray:
@@ -219,6 +263,17 @@ class PairsFile:
         dset = self._h5[name]
         values = dset.asstr()[unique] if h5py.check_string_dtype(dset.dtype) else dset[unique]
         return values[inverse]
+
+    def _read_h(self, name: str, shards: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``name`` ('features' or 'ref_features') at (samples shard, row) of each pair, as float32 [B, L, D];
+        each shard's rows read once, in increasing order (the `_read` trick)."""
+        first = next(iter(self._samples.values()))[name]
+        out = np.empty((len(rows), *first.shape[1:]), np.float32)
+        for shard in np.unique(shards).tolist():
+            mine = shards == shard
+            unique, inverse = np.unique(rows[mine], return_inverse=True)
+            out[mine] = self._samples[shard][name][unique][inverse]  # float16 -> float32 here
+        return out
 
     def prompt_ids(self) -> np.ndarray:
         """The prompt id of every pair (for the held-out split): one integer column, small."""
@@ -232,10 +287,11 @@ class PairsFile:
             names = ["chosen_tokens", "rejected_tokens"]
             names += ["chosen_ref_logprob", "rejected_ref_logprob"] if with_reference else []
             return out | {n: self._read(n, rows) for n in names}
-        out["chosen_features"] = self._read("features", self._read("chosen_row", rows))
-        out["rejected_features"] = self._read("features", self._read("rejected_row", rows))
+        shards = self._read("samples_shard", rows)
+        out["chosen_features"] = self._read_h("features", shards, self._read("chosen_row", rows))
+        out["rejected_features"] = self._read_h("features", shards, self._read("rejected_row", rows))
         if with_reference:
-            out["ref_features"] = self._read("ref_features", self._read("ref_row", rows))
+            out["ref_features"] = self._read_h("ref_features", shards, self._read("ref_row", rows))
         return out
 
     @staticmethod

@@ -49,17 +49,17 @@ def test_scores():
         vqa_score(np.array([]), np.array([]))
 
 
-def test_pairs_job_memory_does_not_grow_with_the_prompt_count(tmp_path, monkeypatch):
-    """Continuous pairs hold one block of selected feature matrices at a time: 4x the prompts (same shard
-    size) leaves the peak allocation where it was, while pairs.h5 grows 4x. (The old job stacked them all.)"""
+def test_pairs_job_memory_does_not_grow_with_the_prompt_count(tmp_path):
+    """Continuous pairs index rows of the samples shards and hold one scores shard's pairs at a time: 4x the
+    prompts (same shard size) leaves the peak allocation where it was, and pairs.h5 holds no matrix. (The first job stacked every selected matrix, the next copied
+    them block by block.)"""
     import tracemalloc
 
     import jobs.pairs as J
-    from bench.scale import synthetic_run
+    from bench.scale import old_pairs_bytes, synthetic_run
     from silmm import store as S
 
-    monkeypatch.setattr(J, "BLOCK_BYTES", 1 << 20)  # blocks of a few prompts, so a shard is several blocks
-    peaks, sizes = [], []
+    peaks = []
     for prompts in (16, 64):
         run = synthetic_run(tmp_path / str(prompts), prompts, per_shard=8, samples=6, L=8, D=1024, top_k=2)
         tracemalloc.start()
@@ -67,7 +67,7 @@ def test_pairs_job_memory_does_not_grow_with_the_prompt_count(tmp_path, monkeypa
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
         pairs = S.read_shard(run.pairs_path(1), stage="pairs")
-        sizes.append(pairs["features"].nbytes)
-        assert pairs.rows("pairs") == prompts * 4 and pairs.rows("ref_rows") == prompts
-    assert sizes[1] == 4 * sizes[0] and sizes[0] > 1 << 20
+        assert pairs.rows("pairs") == prompts * 4 and "features" not in pairs
+        assert [r["shard"] for r in pairs.meta.extra["samples_shards"]] == list(range(prompts // 8))
+        assert run.pairs_path(1).stat().st_size < old_pairs_bytes(run) / 5  # what copying the matrices wrote
     assert peaks[1] < 1.25 * peaks[0], peaks

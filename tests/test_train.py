@@ -22,13 +22,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import jobs.pairs as P
 import jobs.train as J
 from silmm import distributed as D
 from silmm import trainer as T
 from silmm.backends.janus import JanusBackend
 from silmm.config import Loss, ModelConfig, SamplingConfig, TrainConfig
 from silmm.models import load_backend
-from silmm.store import ShardMeta, StoreOptions, write_shard
+from silmm.store import ShardMeta, StoreOptions, read_shard, write_shard
 from silmm.tasks import StageTask, run_task
 from tests.helpers import tiny_run
 
@@ -68,7 +69,8 @@ def janus_pairs(tiny_checkpoints) -> dict:
 
 @pytest.fixture(scope="module")
 def dream_pairs(tiny_checkpoints, tmp_path_factory) -> dict:
-    """DropDiv samples and the reference's deterministic features, 2 pairs per prompt sharing them."""
+    """DropDiv samples and the reference's deterministic features (float32: the stored reference is exact),
+    2 pairs per prompt sharing them; the matrices go into a samples shard the pairs index (write_pairs)."""
     run = tiny_run(tmp_path_factory.mktemp("dream_pairs"), tiny_checkpoints("dream"), "dream")
     backend = load_backend(run, 1)
     n = 3
@@ -79,13 +81,24 @@ def dream_pairs(tiny_checkpoints, tmp_path_factory) -> dict:
     meta = _meta_columns(n)
     data = {k: np.concatenate([v, v]) if isinstance(v, np.ndarray) else v + v for k, v in meta.items()}
     data["prompt_id"] = np.concatenate([np.arange(n), np.arange(n)])
-    return {**data, "chosen_row": np.r_[np.arange(n), np.arange(n) + n],
+    samples = {"prompt_id": np.r_[np.arange(n), np.arange(n)], "sample_index": np.repeat([0, 1], n),
+               "seed": np.arange(2 * n), "features": features.numpy(), "image_png": [b""] * 2 * n,
+               "ref_prompt_id": np.arange(n), "ref_features": ref.numpy()}
+    return {**data, "samples_shard": np.zeros(2 * n, np.int32), "chosen_row": np.r_[np.arange(n), np.arange(n) + n],
             "rejected_row": np.r_[np.arange(n) + n, np.arange(n)], "ref_row": np.r_[np.arange(n), np.arange(n)],
-            "features": features.numpy(), "ref_features": ref.numpy()}
+            SAMPLES: samples}
+
+
+SAMPLES = "samples shard"  # continuous pairs data: the samples shard they index, written beside pairs.h5
 
 
 def write_pairs(run, data: dict, config_hash: str | None = None) -> Path:
-    meta = ShardMeta("pairs", 1, 0, 1, config_hash or run.config_hash)
+    data, extra = dict(data), {}
+    samples = data.pop(SAMPLES, None)
+    if samples is not None:
+        path = write_shard(run.shard_path(1, "samples", 0), ShardMeta("samples", 1, 0, 2, run.config_hash), samples)
+        extra["samples_shards"] = [P.samples_reference(run, 1, read_shard(path, columns=()))]
+    meta = ShardMeta("pairs", 1, 0, 1, config_hash or run.config_hash, extra)
     return write_shard(run.pairs_path(1), meta, data)
 
 
@@ -286,7 +299,9 @@ def test_dream_kcdpo_run_and_export_changes_lora_targets_and_queries(tiny_checkp
             assert f.read_bytes() == (out / "decoder" / part / f.name).read_bytes()
     nxt = load_backend(run, 2)  # the exported model loads through the same code
     with torch.no_grad():
-        assert nxt.features(PROMPTS[:2]).shape == (2, *dream_pairs["features"].shape[1:])
+        assert nxt.features(PROMPTS[:2]).shape == (2, *dream_pairs[SAMPLES]["features"].shape[1:])
+    saved = assert_checkpoint_holds_only_trainable_weights(run, "step_00000004")  # LoRA and the dream head
+    assert any("lora_" in k for k in saved) and any(k.endswith("queries") for k in saved)
 
 
 @pytest.mark.parametrize("backend, loss, keys", [
@@ -410,14 +425,29 @@ def test_world_size_2_matches_world_size_1(tiny_checkpoints, janus_pairs, tmp_pa
 
 
 # ------------------------------------------------------------------------- issue #11: at real size
-def test_checkpoint_holds_only_trainable_weights(janus_run):
-    run, _ = janus_run
-    (states,) = (run.train_dir(1) / "checkpoints" / "step_00000004").glob("mp_rank_*_model_states.pt")
-    saved = torch.load(states, map_location="cpu", weights_only=False)["module"]  # our own file, just written
+def assert_checkpoint_holds_only_trainable_weights(run, step: str) -> dict[str, torch.Tensor]:
+    """The DeepSpeed checkpoint's module state (loaded weights-only, as a resume loads it) holds exactly what
+    the optimizer updates -- name, shape, element count -- and none of the frozen base weights."""
+    (states,) = (run.train_dir(1) / "checkpoints" / step).glob("mp_rank_*_model_states.pt")
+    with torch.serialization.safe_globals(T.deepspeed_safe_globals()):
+        saved = torch.load(states, map_location="cpu", weights_only=True)["module"]
     backend = load_backend(run, 1)
     backend.add_lora(run.config.train.lora)
-    trainable = {"parts.model." + n for n, p in backend.model.named_parameters() if p.requires_grad}
-    assert set(saved) == trainable and all("lora_" in k for k in saved)  # no tied lm_head, no buffers
+    updated = {id(p) for p in backend.trainable_parameters()}
+    named = dict(T.Policy(backend).named_parameters(remove_duplicate=False))  # the names DeepSpeed saves under
+    want = {n: p for n, p in named.items() if id(p) in updated}
+    assert set(saved) == set(want)  # no frozen weight, no tied lm_head, no buffer
+    assert all(saved[n].shape == p.shape for n, p in want.items())
+    assert sum(t.numel() for t in saved.values()) == sum(p.numel() for p in backend.trainable_parameters())
+    frozen = sum(p.numel() for p in {id(p): p for p in named.values() if id(p) not in updated}.values())
+    assert frozen > 10 * sum(t.numel() for t in saved.values())  # what leaving them out saves, at tiny size
+    return saved
+
+
+def test_checkpoint_holds_only_trainable_weights(janus_run):
+    run, _ = janus_run
+    saved = assert_checkpoint_holds_only_trainable_weights(run, "step_00000004")
+    assert all("lora_" in k for k in saved)
 
 
 def test_bf16_training_exports_the_fp32_master_adapter_and_a_float32_merge(tiny_checkpoints, janus_pairs, tmp_path):

@@ -66,8 +66,16 @@ def test_pairs_train_totals_and_disk_with_and_without_cleanup(tmp_path):
     train_s = 60.0 + 100 * 0.5 * 4 + 4 * 2.0
     assert (train.wall_s, train.loads) == (train_s, 4)
     assert train.device_hours == train_s / 3600 * 4
-    sharded = 4 * (4 * (64 * 2.0 + 30))  # four stages, 4 waves each
-    assert plan.iteration_wall_s == sharded + 1000 * 0.5 + train_s
+    stage_wall = 4 * (64 * 2.0 + 30)  # a sharded stage: 4 waves of 4 tasks (the last wave's short shard hidden)
+    # on Slurm questions and samples run side by side: the longer of the two, or both stages' GPU time
+    # (15 full tasks + one of 40 prompts each) over the 4 GPUs, when that is longer, as here
+    side_by_side = max(stage_wall, 2 * (15 * (64 * 2.0 + 30) + (40 * 2.0 + 30)) / 4)
+    assert side_by_side == 1240.0 and plan.concurrent_stages
+    assert plan.iteration_wall_s == 2 * stage_wall + side_by_side + 1000 * 0.5 + train_s
+    local = PL.plan_run(paper_config(tmp_path, "executor.kind=local"), costs, gpus=4, limits=SlurmLimits(),
+                        limits_source="test")
+    assert not local.concurrent_stages  # local_parallelism 1: one stage after the other
+    assert local.iteration_wall_s == 4 * stage_wall + 1000 * 0.5 + train_s
     assert plan.run_wall_s == 3 * plan.iteration_wall_s
     per_iteration = 4 * 1000 * 1000.0 + 1000 * 200.0 + 5 * 10**8 + 10**8 + 10**6
     removable = 1000 * 1000.0 + 10**8  # samples shards + checkpoints

@@ -308,6 +308,20 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from silmm.backends.base import CheckpointError
+    from silmm.backends.seed_llama import convert_seed_llama
+    from silmm.backends.seed_tokenizer import ConversionError
+
+    try:
+        out = convert_seed_llama(args.src, args.dst, llm=args.llm, tokenizer=args.tokenizer, decoder=args.decoder)
+    except (CheckpointError, ConversionError, FileExistsError) as exc:  # what is wrong with the files, in a line
+        print(f"silmm convert: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.kind} checkpoint converted to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="silmm", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"silmm {__version__}")
@@ -364,6 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_make_tiny)
+
+    conv = sub.add_parser("convert", help="convert a released checkpoint into silmm's layout for its backend")
+    conv.add_argument("kind", choices=["seed-llama"])
+    conv.add_argument("src", help="seed-llama: the directory holding seed_llama_8b_sft/ and seed_tokenizer/ "
+                                  "(with seed_quantizer.pt and diffusion_model/), as the release's README arranges them")
+    conv.add_argument("dst", help="the new checkpoint directory (must not exist)")
+    conv.add_argument("--llm", default=None, help="the released LLaMA directory (default: SRC/seed_llama_8b_sft)")
+    conv.add_argument("--tokenizer", default=None,
+                      help="the released tokenizer directory (default: SRC/seed_tokenizer)")
+    conv.add_argument("--decoder", default=None, help="the stable-diffusion-2-1-unclip pipeline directory "
+                                                      "(default: SRC/seed_tokenizer/diffusion_model)")
+    conv.set_defaults(func=_cmd_convert)
 
     rep = sub.add_parser("report", help="training metrics, self-feedback and benchmark tables of every iteration "
                                        "(report/index.md)")

@@ -35,9 +35,10 @@ class Backend(str, Enum):
     dream = "dream"  # continuous features, DreamLLM-style (LLaVA + dream queries + diffusion decoder)
     fusion = "fusion"  # discrete, early fusion: one causal LM over words and VQ image codes (Chameleon/Emu3 form)
     emu3 = "emu3"  # discrete: Emu3 (Emu3ForConditionalGeneration), constrained decoding of its image-token grid
+    seed_llama = "seed_llama"  # discrete: SEED-LLaMA (LLaMA + 32 SEED image tokens per image, unCLIP decoder)
 
 
-DISCRETE_BACKENDS = {Backend.janus, Backend.fusion, Backend.emu3}
+DISCRETE_BACKENDS = {Backend.janus, Backend.fusion, Backend.emu3, Backend.seed_llama}
 
 
 class Dtype(str, Enum):
@@ -731,6 +732,9 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
         fail("sampling.top_k", f"must be >= 0 (0 = off), got {s.top_k}")
     if cfg.model.backend is Backend.janus and s.guidance_scale <= 1.0:
         fail("sampling.guidance_scale", f"Janus image generation needs > 1, got {s.guidance_scale}")
+    if cfg.model.backend is Backend.seed_llama and s.guidance_scale != 1.0:
+        fail("sampling.guidance_scale", f"SEED-LLaMA samples without classifier-free guidance (its released "
+             f"inference has none); set it to 1, got {s.guidance_scale}")
     if s.image_height < 0 or s.image_width < 0 or (s.image_height == 0) != (s.image_width == 0):
         given = "sampling.image_width" if s.image_width and not s.image_height < 0 else "sampling.image_height"
         fail(given, f"image_height and image_width are both > 0 (tokens) or both 0 (the model's default), got "

@@ -30,6 +30,7 @@ BACKENDS: dict[Backend, tuple[str, str, str, str]] = {
     Backend.dream: ("silmm.backends.dream", "DreamBackend", "build_tiny_dream", "lmm"),
     Backend.fusion: ("silmm.backends.fusion", "FusionBackend", "build_tiny_fusion", "."),
     Backend.emu3: ("silmm.backends.emu3", "Emu3Backend", "build_tiny_emu3", "."),
+    Backend.seed_llama: ("silmm.backends.seed_llama", "SeedLlamaBackend", "build_tiny_seed_llama", "llm"),
 }
 
 

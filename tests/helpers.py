@@ -13,6 +13,9 @@ TINY_OVERRIDES = {
               "sampling.dropdiv_layers=1", "pairs.top_k=2"],
     "emu3": ["sampling.samples_per_prompt=3", "sampling.batch_size=3", "sampling.image_height=4",
              "sampling.image_width=4", "sampling.guidance_scale=3.0"],
+    "seed_llama": ["sampling.samples_per_prompt=3", "sampling.batch_size=3", "sampling.guidance_scale=1.0",
+                   "sampling.decoder_steps=2",
+                   r"train.lora.target_regex=model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"],
 }
 
 

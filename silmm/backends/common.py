@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -207,6 +208,10 @@ class InPlaceLora:
         check_safetensors_weights(Path(adapter_dir), ("adapter_model.safetensors",))
         self.peft = PeftModel.from_pretrained(self.model, str(adapter_dir), is_trainable=trainable)
 
+    def weights_dir(self) -> Path:
+        """The directory of the weights LoRA adapts (whose dtype the merged weights are written in)."""
+        return Path(self.model_cfg.path)
+
     def lora_module_names(self) -> list[str]:
         return [name for name, module in self.model.named_modules() if hasattr(module, "lora_A")]
 
@@ -226,7 +231,7 @@ class InPlaceLora:
         """Fold the adapter into the weights in float32 (silmm.backends.lora); returns the merged weights in
         the dtype of the checkpoint loaded (what merge_and_save writes). The backend keeps the merged
         model, without adapter, holding exactly what was written (cast to its compute dtype)."""
-        state = merged_state_dict(self.model, stored_dtype(self.model_cfg.path), master)
+        state = merged_state_dict(self.model, stored_dtype(self.weights_dir()), master)
         if self.peft is not None:
             self.model = self.peft.unload()  # LoRA layers out, nothing merged: the values come from `state`
             self.peft = None
@@ -311,6 +316,38 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def write_tokens(forward: Callable[..., Any], logits_of: Callable[[torch.Tensor], torch.Tensor],
+                 rows: Sequence[Sequence[int]], seeds: Sequence[int], max_new_tokens: int, temperature: float,
+                 top_p: float, pad_id: int, eos_id: int, device: torch.device) -> torch.Tensor:
+    """Seeded text continuation of token ``rows`` (left-padded, KV-cached): the ids written [B, T] on the CPU,
+    ``pad_id`` after a row's EOS; row b draws only from seeds[b] (temperature 0: greedy).
+    ``forward(ids, mask, pos, cache=None)`` returns ``.last_hidden_state`` and ``.cache``; ``logits_of(hidden
+    [B, D])`` the float32 next-token logits (the backend's head, any bias on words)."""
+    if len(rows) != len(seeds):
+        raise ValueError(f"{len(rows)} prompts but {len(seeds)} seeds")
+    if not rows or max_new_tokens <= 0:
+        return torch.zeros(len(rows), 0, dtype=torch.long)
+    ids, mask = left_pad(rows, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    gens = make_generators(seeds, device)
+    pos = positions(mask)
+    out = forward(ids, mask, pos)
+    pos = pos[:, -1:]
+    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    written: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        nxt = next_text_token(logits_of(out.last_hidden_state[:, -1]), temperature, top_p, gens)
+        nxt = nxt.masked_fill(done, pad_id)
+        written.append(nxt)
+        done |= nxt == eos_id
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos + 1
+        out = forward(nxt[:, None], mask, pos, out.cache)
+    return torch.stack(written, 1).cpu()
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

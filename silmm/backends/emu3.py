@@ -64,11 +64,11 @@ from silmm.backends.common import (
     left_pad,
     make_generators,
     multinomial_per_sample,
-    next_text_token,
     per_image,
     positions,
     token_logprobs,
     warp_logits,
+    write_tokens,
     yes_no_token_ids,
 )
 from silmm.backends.lora import Master, own_values
@@ -313,31 +313,11 @@ class Emu3Backend(InPlaceLora, LMMBackend):
     def write_text(self, prompts: list[str], seeds: list[int], max_new_tokens: int,
                    temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
         """Chat-formatted continuation; temperature 0 is greedy. Row b draws only from seeds[b]."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        if not prompts or max_new_tokens <= 0:
-            return [""] * len(prompts)
         rows = [self.tokenizer(self.tokenizer.bos_token + self._chat(p), add_special_tokens=False)["input_ids"]
                 for p in prompts]
-        ids, mask = left_pad(rows, self.pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        gens = make_generators(seeds, self.device)
-        pos = positions(mask)
-        out = self._forward(ids, mask, pos)
-        pos = pos[:, -1:]
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-        written: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()
-            nxt = next_text_token(logits, temperature, top_p, gens).masked_fill(done, self.pad_id)
-            written.append(nxt)
-            done |= nxt == self.eos_id
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            pos = pos + 1
-            out = self._forward(nxt[:, None], mask, pos, out.cache)
-        texts = self.tokenizer.batch_decode(torch.stack(written, 1).cpu(), skip_special_tokens=True)
+        written = write_tokens(self._forward, lambda h: self.model.lm_head(h).float(), rows, seeds, max_new_tokens,
+                               temperature, top_p, self.pad_id, self.eos_id, self.device)
+        texts = self.tokenizer.batch_decode(written, skip_special_tokens=True)
         return [t.strip() for t in texts]
 
     # ------------------------------------------------------------------------------- images

@@ -41,11 +41,11 @@ from silmm.backends.common import (
     left_pad,
     make_generators,
     multinomial_per_sample,
-    next_text_token,
     per_image,
     positions,
     token_logprobs,
     warp_logits,
+    write_tokens,
     yes_no_token_ids,
 )
 from silmm.backends.lora import Master, own_values
@@ -317,30 +317,10 @@ class FusionBackend(InPlaceLora, LMMBackend):
     @torch.no_grad()
     def write_text(self, prompts: list[str], seeds: list[int], max_new_tokens: int,
                    temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        if not prompts or max_new_tokens <= 0:
-            return [""] * len(prompts)
-        ids, mask = left_pad([[self.bos_id, *self.words(p)] for p in prompts], self.pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        gens = make_generators(seeds, self.device)
-        pos = positions(mask)
-        out = self._forward(ids, mask, pos)
-        pos = pos[:, -1:]
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-        written: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            logits = self.model.lm_head(out.last_hidden_state[:, -1]).float() + self.text_bias
-            nxt = next_text_token(logits, temperature, top_p, gens).masked_fill(done, self.pad_id)
-            written.append(nxt)
-            done |= nxt == self.eos_id
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            pos = pos + 1
-            out = self._forward(nxt[:, None], mask, pos, out.cache)
-        rows = torch.stack(written, 1).cpu()
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        rows = [[self.bos_id, *self.words(p)] for p in prompts]
+        written = write_tokens(self._forward, lambda h: self.model.lm_head(h).float() + self.text_bias, rows, seeds,
+                               max_new_tokens, temperature, top_p, self.pad_id, self.eos_id, self.device)
+        texts = self.tokenizer.batch_decode(written, skip_special_tokens=True)
         return [_SPACE_BEFORE_PUNCT.sub(r"\1", t).strip() for t in texts]
 
     # ------------------------------------------------------------------------------- images

@@ -38,8 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,23 +52,23 @@ from transformers.cache_utils import DynamicCache
 from silmm.backends.base import DIFFUSERS_WEIGHT_FILES, CheckpointError, LMMBackend, check_safetensors_weights
 from silmm.backends.common import (
     ImageSamples,
-    apply_lora,
+    InPlaceLora,
     build_tiny_tokenizer,
     enable_gradient_checkpointing,
     image_code_logprobs,
     left_pad,
     make_generators,
     multinomial_per_sample,
-    next_text_token,
     per_image,
     positions,
     randn_per_sample,
     token_logprobs,
     warp_logits,
+    write_tokens,
     yes_no_token_ids,
 )
-from silmm.backends.lora import Master, adapter_state_dict, merged_state_dict, own_values, stored_dtype
-from silmm.config import LogprobMode, LoraConfig, ModelConfig, SamplingConfig
+from silmm.backends.lora import Master, own_values
+from silmm.config import LogprobMode, ModelConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +129,7 @@ def image_token_ids(tokenizer, num_codes: int, where: Path | str) -> tuple[int, 
 
 
 # ------------------------------------------------------------------------------------------ backend
-class SeedLlamaBackend(LMMBackend):
+class SeedLlamaBackend(InPlaceLora, LMMBackend):
     """SEED-LLaMA as a SILMM policy (see the module docstring). LoRA goes on the LLaMA decoder layers that
     ``train.lora.target_regex`` selects (:data:`LORA_TARGETS` for the usual attention + MLP projections);
     the image tokenizer and the decoder stay frozen."""
@@ -252,29 +251,10 @@ class SeedLlamaBackend(LMMBackend):
     def write_text(self, prompts: list[str], seeds: list[int], max_new_tokens: int,
                    temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
         """Continue ``<s>USER: {prompt}\\nASSISTANT:``; image tokens are never written. Temperature 0 is greedy."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        if not prompts or max_new_tokens <= 0:
-            return [""] * len(prompts)
-        ids, mask = left_pad([[self.bos_id, *self._ids(self.chat(p))] for p in prompts], self.pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        gens = make_generators(seeds, self.device)
-        pos = positions(mask)
-        out = self._forward(ids, mask, pos)
-        pos = pos[:, -1:]
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-        written: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            logits = self.model.lm_head(out.last_hidden_state[:, -1]).float() + self.text_bias
-            nxt = next_text_token(logits, temperature, top_p, gens).masked_fill(done, self.pad_id)
-            written.append(nxt)
-            done |= nxt == self.eos_id
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            pos = pos + 1
-            out = self._forward(nxt[:, None], mask, pos, out.cache)
-        texts = self.tokenizer.batch_decode(torch.stack(written, 1).cpu(), skip_special_tokens=True)
+        rows = [[self.bos_id, *self._ids(self.chat(p))] for p in prompts]
+        written = write_tokens(self._forward, lambda h: self.model.lm_head(h).float() + self.text_bias, rows, seeds,
+                               max_new_tokens, temperature, top_p, self.pad_id, self.eos_id, self.device)
+        texts = self.tokenizer.batch_decode(written, skip_special_tokens=True)
         return [t.strip() for t in texts]
 
     # ------------------------------------------------------------------------------- images
@@ -439,51 +419,9 @@ class SeedLlamaBackend(LMMBackend):
         self.model.train(mode)
 
     # ------------------------------------------------------------------------------- LoRA
-    @contextmanager
-    def reference(self) -> Iterator[None]:
-        """Inside: the LLaMA as loaded (the adapter disabled, not removed)."""
-        if self.peft is None:
-            yield
-            return
-        with self.peft.disable_adapter():
-            yield
-
-    def add_lora(self, lora: LoraConfig) -> None:
-        """LoRA on the LLaMA modules ``lora.target_regex`` selects (:data:`LORA_TARGETS`); all else frozen."""
-        if self.peft is not None:
-            raise RuntimeError("a LoRA adapter is already attached; merge_and_save it first")
-        self.peft = apply_lora(self.model, lora)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        if self.peft is None:
-            raise RuntimeError("no LoRA adapter: call add_lora first")
-        return [p for p in self.peft.parameters() if p.requires_grad]
-
-    def save_adapter(self, out_dir: str | Path, master: Master = own_values) -> None:
-        """The adapter in float32, from ``master`` (the optimizer's float32 copy under bf16 training)."""
-        if self.peft is None:
-            raise RuntimeError("no LoRA adapter to save: call add_lora first")
-        self.peft.save_pretrained(str(out_dir), state_dict=adapter_state_dict(self.peft, master),
-                                  safe_serialization=True)
-
-    def load_adapter(self, adapter_dir: str | Path, trainable: bool = True) -> None:
-        """Attach an adapter written by :meth:`save_adapter` (to resume training)."""
-        from peft import PeftModel
-
-        if self.peft is not None:
-            raise RuntimeError("a LoRA adapter is already attached")
-        check_safetensors_weights(Path(adapter_dir), ("adapter_model.safetensors",))
-        self.peft = PeftModel.from_pretrained(self.model, str(adapter_dir), is_trainable=trainable)
-
-    def merge_adapter(self, master: Master = own_values) -> dict[str, torch.Tensor]:
-        """Fold the adapter into the LLaMA weights in float32; returns them in the dtype of the loaded
-        ``llm/`` checkpoint. The backend keeps the merged model, without adapter."""
-        state = merged_state_dict(self.model, stored_dtype(Path(self.model_cfg.path) / LLM_DIR), master)
-        if self.peft is not None:
-            self.model = self.peft.unload()
-            self.peft = None
-            self.model.load_state_dict(state)
-        return state
+    # reference, add_lora, load/save_adapter, merge_adapter: InPlaceLora's, on the LLaMA in llm/
+    def weights_dir(self) -> Path:
+        return Path(self.model_cfg.path) / LLM_DIR
 
     def merge_and_save(self, out_dir: str | Path, master: Master = own_values) -> None:
         """Merge in float32 and write our layout: ``llm/`` (merged, in the loaded dtype, with its tokenizer);

@@ -303,18 +303,29 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from silmm.models import build_tiny
 
-    out = build_tiny(args.backend, args.out_dir, seed=args.seed)
+    if args.backend == "dreamllm":  # a released layout (not a backend): the input of `silmm convert dreamllm`
+        from silmm.backends.dreamllm import build_tiny_dreamllm_released
+
+        out = build_tiny_dreamllm_released(args.out_dir, seed=args.seed)
+    else:
+        out = build_tiny(args.backend, args.out_dir, seed=args.seed)
     print(f"tiny {args.backend} checkpoint written to {out}")
     return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from silmm.backends.base import CheckpointError
-    from silmm.backends.seed_llama import convert_seed_llama
     from silmm.backends.seed_tokenizer import ConversionError
 
     try:
-        out = convert_seed_llama(args.src, args.dst, llm=args.llm, tokenizer=args.tokenizer, decoder=args.decoder)
+        if args.kind == "dreamllm":
+            from silmm.backends.dreamllm import convert_dreamllm
+
+            out = convert_dreamllm(args.src, args.dst, clip=args.clip, diffusion=args.diffusion)
+        else:
+            from silmm.backends.seed_llama import convert_seed_llama
+
+            out = convert_seed_llama(args.src, args.dst, llm=args.llm, tokenizer=args.tokenizer, decoder=args.decoder)
     except (CheckpointError, ConversionError, FileExistsError) as exc:  # what is wrong with the files, in a line
         print(f"silmm convert: {exc}", file=sys.stderr)
         return 2
@@ -374,21 +385,29 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=_cmd_inspect)
 
     tiny = sub.add_parser("make-tiny", help="build a tiny random checkpoint (tests, demos; no download)")
-    tiny.add_argument("backend", choices=[b.value for b in C.Backend])
+    tiny.add_argument("backend", choices=[b.value for b in C.Backend] + ["dreamllm"],
+                      help="a backend's tiny checkpoint, or dreamllm: a tiny DreamLLM in the released layout")
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_make_tiny)
 
     conv = sub.add_parser("convert", help="convert a released checkpoint into silmm's layout for its backend")
-    conv.add_argument("kind", choices=["seed-llama"])
+    conv.add_argument("kind", choices=["seed-llama", "dreamllm"])
     conv.add_argument("src", help="seed-llama: the directory holding seed_llama_8b_sft/ and seed_tokenizer/ "
-                                  "(with seed_quantizer.pt and diffusion_model/), as the release's README arranges them")
+                                  "(with seed_quantizer.pt and diffusion_model/), as the release's README arranges them; "
+                                  "dreamllm: the released model directory (config.json, model*.safetensors, the "
+                                  "tokenizer, dream_embedding.bin, clip_vision_embedding.bin, stable_diffusion_head.bin)")
     conv.add_argument("dst", help="the new checkpoint directory (must not exist)")
     conv.add_argument("--llm", default=None, help="the released LLaMA directory (default: SRC/seed_llama_8b_sft)")
     conv.add_argument("--tokenizer", default=None,
                       help="the released tokenizer directory (default: SRC/seed_tokenizer)")
     conv.add_argument("--decoder", default=None, help="the stable-diffusion-2-1-unclip pipeline directory "
                                                       "(default: SRC/seed_tokenizer/diffusion_model)")
+    conv.add_argument("--clip", default=None, help="dreamllm: the CLIP model directory (default: the path in "
+                                                   "config.json if local, else builtin openai/clip-vit-large-patch14)")
+    conv.add_argument("--diffusion", default=None,
+                      help="dreamllm: the Stable Diffusion directory (unet/, vae/, scheduler/ configs; default: the path "
+                           "in config.json if local, else builtin stabilityai/stable-diffusion-2-1-base)")
     conv.set_defaults(func=_cmd_convert)
 
     rep = sub.add_parser("report", help="training metrics, self-feedback and benchmark tables of every iteration "

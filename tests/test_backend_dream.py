@@ -212,6 +212,53 @@ def test_decode_uses_guidance(ckpt: Path) -> None:
     assert not np.array_equal(guided, b.decode(features, [3]))
 
 
+def test_guidance_unconditional_branch_is_the_empty_prompt(backend: DreamBackend) -> None:
+    """DreamLLM's CFG: the unconditional H is the empty prompt's. Decoding exactly that H makes both branches
+    equal, so the guidance scale cannot matter; any other H it does (test_decode_uses_guidance)."""
+    empty = backend.features([""]).detach()
+    guided = backend.decode(empty, [5])
+    plain = dataclasses.replace(backend.sampling, decoder_guidance_scale=1.0)
+    live, backend.sampling = backend.sampling, plain
+    try:
+        assert np.abs(backend.decode(empty, [5]).astype(int) - guided.astype(int)).max() <= 1
+    finally:
+        backend.sampling = live
+
+
+def _with_head(ckpt: Path, out: Path, **fields) -> Path:
+    """A copy of ``ckpt`` whose dream head config sets ``fields`` (weights re-saved to fit the projector)."""
+    from silmm.backends.dream import HEAD_DIR, DreamHead, load_head
+
+    shutil.copytree(ckpt, out)
+    head, cfg = load_head(out / HEAD_DIR)
+    cfg = dataclasses.replace(cfg, **fields)
+    new = DreamHead(cfg)
+    new.load_state_dict({k: v for k, v in head.state_dict().items() if k in new.state_dict()})
+    new.save(out / HEAD_DIR, cfg)
+    return out
+
+
+def test_dream_start_token_precedes_the_queries(ckpt: Path, tmp_path: Path) -> None:
+    """H with a dream start token equals an independent forward of [prompt tokens, start token, queries]."""
+    b = load(_with_head(ckpt, tmp_path / "start", dream_start_token="<image>", projector_bias=False))
+    assert b.head.projector.bias is None and b.dream_start_id == b.tokenizer.convert_tokens_to_ids("<image>")
+    prompt = PROMPTS[0]
+    ids = b.tokenizer([b.head_cfg.prompt_template.format(prompt=prompt)], return_tensors="pt")["input_ids"]
+    ids = torch.cat([ids, torch.tensor([[b.dream_start_id]])], dim=1)
+    embeds = torch.cat([b.base.get_input_embeddings()(ids), b.head.queries[None]], dim=1)
+    with torch.no_grad():
+        want = b.language_model(inputs_embeds=embeds).last_hidden_state[0, -b.head.queries.shape[0]:]
+        got = b.features([prompt])[0]
+        without = load(ckpt).features([prompt])[0]
+    assert torch.allclose(got, want, atol=ATOL)
+    assert not torch.allclose(got, without, atol=1e-3)  # the start token is really there
+
+
+def test_unknown_dream_start_token_is_named(ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="dream_start_token"):
+        load(_with_head(ckpt, tmp_path / "bad", dream_start_token="<not_a_token_here>"))
+
+
 # --------------------------------------------------------------------------------------- scoring
 def _one_at_a_time(b: DreamBackend, image: np.ndarray, question: str) -> tuple[float, float]:
     """Independent check: the full sequence in one plain forward, no cache, no batching.

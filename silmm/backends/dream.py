@@ -1,9 +1,12 @@
 """Continuous backend, DreamLLM-style, composed from library parts.
 
 A LLaVA model (vision tower + projector + Llama) understands images and writes text. For generation, L
-learnable *dream queries* are appended to the prompt's input embeddings; the last hidden states at those
-positions form the feature matrix H [L, D]. A linear *dream projector* maps H to the cross-attention
-conditioning of a diffusers decoder (UNet + VAE + scheduler), which renders the image.
+learnable *dream queries* are appended to the prompt's input embeddings (after the embedding of a
+``dream_start_token`` where the head config names one, as DreamLLM's ``<dream_start>``); the last hidden states
+(after the final norm) at those positions form the feature matrix H [L, D]. A linear *dream projector* (DreamLLM's
+has no bias) maps H to the cross-attention conditioning of a diffusers decoder (UNet + VAE + scheduler), which
+renders the image. DreamLLM also feeds ``<dream_end>`` after the queries; under causal attention it cannot change H,
+so it is left out.
 
 Checkpoint layout (one directory, loaded by :meth:`DreamBackend.load`, written by ``merge_and_save``)::
 
@@ -18,8 +21,9 @@ state-dict keys and LoRA target names); ``noisy_queries`` adds Gaussian noise to
 (the paper's "Noisy DreamEmb" ablation). Masks and noise come from one CPU generator per sample, drawn
 over that sample's own (unpadded) positions, so a sample does not depend on its batch neighbours.
 
-Classifier-free guidance in ``decode``: the unconditional branch is the projector applied to an all-zero
-H (i.e. the projector's bias at every position), which needs no extra learned parameter.
+Classifier-free guidance in ``decode``, as DreamLLM's pipeline does it: the unconditional H is the features of the
+empty prompt (``prompt_template`` formatted with ""), computed by the current model without DropDiv, so it is the
+same whenever the same model decodes (the samples stage, and the scores stage re-decoding kept H).
 
 The modules stay in eval mode: the only randomness is DropDiv/noise while sampling, so ``features`` is
 deterministic (LoRA dropout is inactive unless a caller switches ``train()`` on itself).
@@ -75,8 +79,10 @@ class DreamHeadConfig:
     # what the LLM sees before the dream queries; LLaVA-1.5's conversation format by default
     prompt_template: str = "USER: Generate an image of {prompt} ASSISTANT:"
     chat_template: str = "USER: {prompt} ASSISTANT:"
-    # split at {question}: the part before it (with the image) is encoded once per image
+    # split at {question}: the part before it (with the processor's image token) is encoded once per image
     question_template: str = "USER: <image>\n{question} Answer yes or no. ASSISTANT:"
+    projector_bias: bool = True  # DreamLLM's projector into the UNet has none
+    dream_start_token: str = ""  # a token whose embedding precedes the queries (DreamLLM: "<dream_start>")
 
     @classmethod
     def read(cls, path: Path) -> DreamHeadConfig:
@@ -84,9 +90,8 @@ class DreamHeadConfig:
             cfg = cls(**json.loads(path.read_text()))
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: malformed dream head config: {exc}") from exc
-        if "{question}" not in cfg.question_template or "<image>" not in cfg.question_template.split(
-                "{question}")[0]:
-            raise CheckpointError(f"{path}: question_template needs '<image>' before '{{question}}'")
+        if "{question}" not in cfg.question_template:
+            raise CheckpointError(f"{path}: question_template needs '{{question}}'")
         return cfg
 
     def write(self, path: Path) -> None:
@@ -99,7 +104,7 @@ class DreamHead(nn.Module):
     def __init__(self, cfg: DreamHeadConfig):
         super().__init__()
         self.queries = nn.Parameter(torch.zeros(cfg.num_queries, cfg.hidden_size))
-        self.projector = nn.Linear(cfg.hidden_size, cfg.cross_attention_dim)
+        self.projector = nn.Linear(cfg.hidden_size, cfg.cross_attention_dim, bias=cfg.projector_bias)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.projector(features.float())
@@ -210,6 +215,11 @@ class DreamBackend(LMMBackend):
         self.vae = vae.to(self.device).eval().requires_grad_(False)
         self.scheduler = scheduler
         self.yes_ids, self.no_ids = yes_no_token_ids(self.tokenizer)
+        self.dream_start_id = _special_token_id(self.tokenizer, head_cfg.dream_start_token, path)
+        image_token = getattr(processor, "image_token", "<image>")
+        if image_token not in self.question_parts()[0]:
+            raise CheckpointError(f"{path / HEAD_DIR / HEAD_CONFIG}: question_template needs the processor's image "
+                                  f"token {image_token!r} before '{{question}}'")
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -270,13 +280,18 @@ class DreamBackend(LMMBackend):
         """Prompt + dream queries through the Llama model -> last hidden states at the queries [B, L, D]."""
         texts = [self.head_cfg.prompt_template.format(prompt=p) for p in prompts]
         enc = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
-        embeds = self.base.get_input_embeddings()(enc["input_ids"])
+        ids = enc["input_ids"]
+        if self.dream_start_id is not None:
+            ids = torch.cat([ids, ids.new_full((len(prompts), 1), self.dream_start_id)], dim=1)
+        embeds = self.base.get_input_embeddings()(ids)
         num_q = self.head.queries.shape[0]
         queries = self.head.queries.to(embeds.dtype).expand(len(prompts), -1, -1)
         if query_noise is not None:
             queries = queries + query_noise.to(queries)
         embeds = torch.cat([embeds, queries], dim=1)
-        mask = torch.cat([enc["attention_mask"], enc["attention_mask"].new_ones(len(prompts), num_q)], dim=1)
+        text_mask = enc["attention_mask"]
+        appended = ids.shape[1] - text_mask.shape[1] + num_q  # the dream start token, if any, and the queries
+        mask = torch.cat([text_mask, text_mask.new_ones(len(prompts), appended)], dim=1)
         hooks = nullcontext()
         if dropout is not None:
             rate, generators = dropout
@@ -311,8 +326,9 @@ class DreamBackend(LMMBackend):
         s = self.sampling
         cond = self.head.project(samples.to(self.device))
         guided = s.decoder_guidance_scale > 1.0
-        if guided:  # unconditional branch: the projection of an all-zero H (see module docstring)
-            cond = torch.cat([self.head.project(torch.zeros_like(samples, device=self.device)), cond])
+        if guided:  # unconditional branch: the empty prompt's H (see the module docstring)
+            uncond = self.head.project(self._dream_forward([""]).float()).expand(len(samples), -1, -1)
+            cond = torch.cat([uncond, cond])
         cond = cond.to(self.dtype)
         generators = make_generators(seeds)
         latents = self._initial_latents(generators)
@@ -461,6 +477,16 @@ class DreamBackend(LMMBackend):
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _special_token_id(tokenizer, token: str, path: Path) -> int | None:
+    if not token:
+        return None
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+        raise CheckpointError(f"{path / HEAD_DIR / HEAD_CONFIG}: dream_start_token {token!r} is not one token of "
+                              f"the tokenizer in {LMM_DIR}/")
+    return ids[0]
+
+
 def _until(row: list[int], eos: int | None) -> list[int]:
     return row[:row.index(eos)] if eos is not None and eos in row else row
 

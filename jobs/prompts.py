@@ -20,6 +20,7 @@ import logging
 import random
 from typing import Any
 
+from silmm import plugins
 from silmm import prompts as P
 from silmm.config import PromptSource
 from silmm.fsutil import atomic_write_text
@@ -39,11 +40,9 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     count, per_shard, seed = cfg.prompts.count, cfg.sharding.prompts_per_shard, cfg.run.seed
     ids = P.shard_range(count, per_shard, shard)
     categories = P.assign_categories(count, cfg.prompts.categories, derive_seed(seed, iteration, -1, 0, "categories"))
-    if cfg.prompts.source is PromptSource.toy:  # the toy world's grammar; held-out combinations never drawn
-        from silmm.toy import world
-
-        texts = P.template_prompts(categories, None, seed, iteration, compose_fn=lambda cat, rng: world.compose(
-            cat, rng, cfg.toy.held_out_fraction))
+    if cfg.prompts.source is PromptSource.toy:  # a plug-in's grammar (the toy world's: no held-out combination)
+        compose_fn = plugins.get("prompt_sources", cfg.prompts.source.value)(cfg)
+        texts = P.template_prompts(categories, None, seed, iteration, compose_fn=compose_fn)
         data = {"prompt_id": list(ids), "text": [texts[i] for i in ids], "category": [categories[i] for i in ids]}
         _write(run, iteration, shard, P.shard_count(count, per_shard), data, {"source": "toy"})
         return {"prompts": len(ids)}

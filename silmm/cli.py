@@ -26,9 +26,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = C.load(args.config, args.overrides, args.profile)  # every config error stops here, before any write
     if cfg.toy.enabled:
-        from silmm.models import check_toy_cache
+        from silmm.models import check_pretrained
 
-        check_toy_cache(cfg)
+        check_pretrained(cfg)
     planned = RunDir.prepare(cfg)  # an existing run: result-changing keys refused here, nothing rewritten
     try:
         # the lock before config.yaml is written or rewritten: a driver refused by it changes nothing

@@ -18,17 +18,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from silmm import plugins
 from silmm.backends.base import LMMBackend
-from silmm.config import Backend, Judge, SilmmConfig
+from silmm.config import Backend, ConfigError, Judge, SilmmConfig
 from silmm.rundir import RunDir
 
 log = logging.getLogger(__name__)
+PRETRAIN_RECORD = "pretrain.json"  # in a pretrained base model: {"key": what it depends on, ...}
 
-# backend -> (module, class, tiny-checkpoint builder, tokenizer sub-folder)
-BACKENDS: dict[Backend, tuple[str, str, str, str]] = {
+# backend -> (module, class, tiny-checkpoint builder, tokenizer sub-folder); builder None: a plug-in's
+# tiny_builders entry (silmm/plugins.py) supplies it -- fusion needs an image codec and words to build one
+BACKENDS: dict[Backend, tuple[str, str, str | None, str]] = {
     Backend.janus: ("silmm.backends.janus", "JanusBackend", "build_tiny_janus", "."),
     Backend.dream: ("silmm.backends.dream", "DreamBackend", "build_tiny_dream", "lmm"),
-    Backend.fusion: ("silmm.backends.fusion", "FusionBackend", "build_tiny_fusion", "."),
+    Backend.fusion: ("silmm.backends.fusion", "FusionBackend", None, "."),
     Backend.emu3: ("silmm.backends.emu3", "Emu3Backend", "build_tiny_emu3", "."),
     Backend.seed_llama: ("silmm.backends.seed_llama", "SeedLlamaBackend", "build_tiny_seed_llama", "llm"),
 }
@@ -36,11 +39,14 @@ BACKENDS: dict[Backend, tuple[str, str, str, str]] = {
 
 def build_tiny(backend: Backend | str, out_dir: str | Path, seed: int = 0) -> Path:
     """Build a tiny random checkpoint atomically (a temporary sibling directory, then a rename)."""
-    module, _, builder, _ = BACKENDS[Backend(backend)]
+    backend = Backend(backend)
+    module, _, builder, _ = BACKENDS[backend]
+    build = (plugins.get("tiny_builders", backend.value) if builder is None
+             else getattr(importlib.import_module(module), builder))
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    getattr(importlib.import_module(module), builder)(tmp, seed=seed)
+    build(tmp, seed=seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(tmp, out_dir)
@@ -51,8 +57,8 @@ def build_tiny(backend: Backend | str, out_dir: str | Path, seed: int = 0) -> Pa
 
 def ensure_base_model(cfg: SilmmConfig) -> None:
     path = Path(cfg.model.path)
-    if cfg.toy.enabled:
-        check_toy_cache(cfg)
+    if pretraining(cfg):
+        check_pretrained(cfg)
         if not path.exists():
             raise FileNotFoundError(f"{path}: the toy LMM is not pretrained yet (the driver's pretrain stage writes it)")
         return
@@ -62,18 +68,23 @@ def ensure_base_model(cfg: SilmmConfig) -> None:
         log.info("built tiny %s checkpoint at %s in %.1f s", cfg.model.backend.value, path, time.time() - t0)
 
 
-def check_toy_cache(cfg: SilmmConfig) -> None:
-    """A cached pretrained toy LMM must come from the same settings: else a ConfigError naming what differs."""
-    from silmm.config import ConfigError
-    from silmm.questions import load_examples
-    from silmm.toy.pretrain import cache_key
+def pretraining(cfg: SilmmConfig) -> str | None:
+    """The plug-in whose pretrain stage writes the base model at model.path (the driver runs it before
+    iteration 1), or None: the base model is a checkpoint on disk. Only the toy world pretrains today."""
+    return "toy" if cfg.toy.enabled else None
 
-    record = Path(cfg.model.path) / "pretrain.json"
-    if not record.is_file():
+
+def check_pretrained(cfg: SilmmConfig) -> None:
+    """A base model written by a pretrain stage records the key of its settings in pretrain.json; reusing it
+    for a config whose pretraining has another key (the plug-in's pretraining ``cache_key``) is a ConfigError
+    naming what differs. Nothing to check without a pretraining or before the model exists."""
+    name = pretraining(cfg)
+    record = Path(cfg.model.path) / PRETRAIN_RECORD
+    if name is None or not record.is_file():
         return
     have = json.loads(record.read_text()).get("key", {})
     # through JSON, as stored: tuples become lists
-    want = json.loads(json.dumps(cache_key(cfg.toy, load_examples(cfg.questions.icl_examples))))
+    want = json.loads(json.dumps(plugins.get("pretraining", name)(cfg)))
     diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
     if diff:
         raise ConfigError(f"{record}: the cached toy LMM at model.path was pretrained with other settings "

@@ -156,9 +156,10 @@ def reference_text(backend: FusionBackend, prompt: str, max_new_tokens: int, tem
 
 # ------------------------------------------------------------------------------------ checkpoints
 def test_build_tiny_is_deterministic(ckpt, tmp_path):
-    again = build_tiny_fusion(tmp_path / "again", seed=0)
-    twice = build_tiny_fusion(tmp_path / "twice", seed=0)
-    other = build_tiny_fusion(tmp_path / "other", seed=1)
+    # the generic builder given the toy's codec and words writes what build_tiny("fusion") (the toy plug-in) did
+    again = build_tiny_fusion(tmp_path / "again", world.codec(), world.VOCAB_TEXT, seed=0)
+    twice = build_tiny_fusion(tmp_path / "twice", world.codec(), world.VOCAB_TEXT, seed=0)
+    other = build_tiny_fusion(tmp_path / "other", world.codec(), world.VOCAB_TEXT, seed=1)
     for name in sorted(LAYOUT):
         assert (again / name).read_bytes() == (twice / name).read_bytes() == (ckpt / name).read_bytes(), name
     assert (again / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()

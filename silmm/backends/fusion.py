@@ -174,19 +174,20 @@ def tiny_llama_config(tokenizer, hidden: int = 32, layers: int = 2, heads: int =
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def build_tiny_fusion(out_dir: str | Path, seed: int = 0) -> Path:
-    """A tiny random early-fusion checkpoint over the toy world's codec (for tests and make-tiny).
-    initializer_range 0.3 makes a wrong position or mask change the outputs measurably."""
+def build_tiny_fusion(out_dir: str | Path, codec: PatchCodec, texts: Sequence[str], seed: int = 0) -> Path:
+    """A tiny random early-fusion checkpoint over ``codec``, whose vocabulary is the words of ``texts`` plus
+    those the stages themselves write (the question request, yes/no answers); a model family supplies both
+    (the toy world's: silmm/toy/plugin.py). initializer_range 0.3 makes a wrong position or mask change the
+    outputs measurably."""
     from silmm.questions import BUILTIN_EXAMPLES, question_request
-    from silmm.toy import world
 
-    words = text_words([question_request("a red circle", BUILTIN_EXAMPLES), "yes no answer:", *world.VOCAB_TEXT])
-    codec = world.codec()
-    tok = build_word_tokenizer(words, codec.num_codes)
+    spec = FusionSpec()
+    words = text_words([question_request("", BUILTIN_EXAMPLES), f"yes no {spec.answer_suffix}", *texts])
+    tok = build_word_tokenizer(words, codec.num_codes, spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_llama_config(tok, initializer_range=0.3))
-    return save_checkpoint(out_dir, model, tok, codec, FusionSpec())
+    return save_checkpoint(out_dir, model, tok, codec, spec)
 
 
 def check_checkpoint(path: Path) -> None:

@@ -1,12 +1,12 @@
 """Benchmark registry: a config name -> the module and class that implement it.
 
-The only place that knows every benchmark; generic code asks ``get_benchmark(name)``.
+The only place that knows every benchmark; generic code asks ``get_benchmark(name)``. The built-in ones
+live in this package; plug-ins add theirs by name (silmm/plugins.py; the toy world's held-out prompts, ``toy``).
 """
 
 from __future__ import annotations
 
-import importlib
-
+from silmm import plugins
 from silmm.eval.records import Benchmark, BenchmarkError
 
 BENCHMARKS: dict[str, str] = {
@@ -14,7 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "dpg_bench": "silmm.eval.benchmarks.dpg_bench:DPGBench",
     "tifa": "silmm.eval.benchmarks.tifa:TIFA",
     "geneval": "silmm.eval.benchmarks.geneval:GenEval",
-    "toy": "silmm.toy.benchmark:ToyBenchmark",
+    **plugins.entries("benchmarks"),
 }
 
 
@@ -22,5 +22,4 @@ def get_benchmark(name: str) -> Benchmark:
     """A fresh instance of the benchmark registered as ``name``."""
     if name not in BENCHMARKS:
         raise BenchmarkError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
-    module, cls_name = BENCHMARKS[name].split(":")
-    return getattr(importlib.import_module(module), cls_name)()
+    return plugins.resolve(BENCHMARKS[name])()

@@ -2,18 +2,18 @@
 
 A scorer turns (a benchmark prompt, its N images) into one :class:`~silmm.eval.records.ImageAnswers` per
 image; the benchmark's ``aggregate`` turns those into its numbers. A benchmark asks a scorer, never the
-other way round. The registry below is the only place that knows every scorer (by module path, so
-generic code never imports the toy world or a particular model family):
+other way round. The registry below knows every scorer by module path, so generic code never imports a
+particular model family; the built-in ones are
 
     self     silmm/eval/scorers/self_vqa.py   the iteration's LMM (or the base model, feedback.judge=base)
                                               answers the benchmark's own questions, or its decomposition
-    oracle   silmm/toy/oracle_scorer.py       the toy world's exact oracle (the toy benchmark only)
     expert   silmm/eval/scorers/expert.py     the benchmarks' recommended expert models from transformers
+
+and plug-ins add theirs by name (silmm/plugins.py; the toy world's exact oracle, ``oracle``).
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from silmm import plugins
 from silmm.eval.records import BenchmarkError, BenchmarkPrompt, ImageAnswers
 
 SCORERS: dict[str, str] = {
     "self": "silmm.eval.scorers.self_vqa:SelfVQA",
-    "oracle": "silmm.toy.oracle_scorer:OracleScorer",
     "expert": "silmm.eval.scorers.expert:ExpertScorer",
+    **plugins.entries("scorers"),
 }
 
 
@@ -75,8 +76,7 @@ class Scorer(ABC):
 def scorer_class(name: str) -> type[Scorer]:
     if name not in SCORERS:
         raise BenchmarkError(f"unknown scorer {name!r}; known: {', '.join(sorted(SCORERS))}")
-    module, cls_name = SCORERS[name].split(":")
-    return getattr(importlib.import_module(module), cls_name)
+    return plugins.resolve(SCORERS[name])
 
 
 def get_scorer(name: str, ctx: ScorerContext) -> Scorer:

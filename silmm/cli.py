@@ -306,7 +306,11 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     if args.backend == "dreamllm":  # a released layout (not a backend): the input of `silmm convert dreamllm`
         from silmm.backends.dreamllm import build_tiny_dreamllm_released
 
-        out = build_tiny_dreamllm_released(args.out_dir, seed=args.seed)
+        try:
+            out = build_tiny_dreamllm_released(args.out_dir, seed=args.seed)
+        except FileExistsError as exc:
+            print(f"silmm make-tiny: {exc}", file=sys.stderr)
+            return 2
     else:
         out = build_tiny(args.backend, args.out_dir, seed=args.seed)
     print(f"tiny {args.backend} checkpoint written to {out}")

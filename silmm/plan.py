@@ -220,9 +220,9 @@ def cache_key(cal: C.SilmmConfig, device: str) -> dict[str, Any]:
     prompt; prompts.count, sharding and train.max_steps are the calibration's own), the model's files, the
     device and the host CPU, silmm's version."""
     fb = cal.feedback.judge_path
-    return {"silmm": __version__, "config_hash": C.config_hash(cal), "model_files": hashed(tree_fingerprint(
-        cal.model.path)), "judge_files": hashed(tree_fingerprint(fb)) if fb else None, "device": device,
-        "host_cpu": host_cpu()}
+    return {"silmm": __version__, "page_in": PAGE_IN_VERSION, "config_hash": C.config_hash(cal),
+            "model_files": hashed(tree_fingerprint(cal.model.path)),
+            "judge_files": hashed(tree_fingerprint(fb)) if fb else None, "device": device, "host_cpu": host_cpu()}
 
 
 def hashed(value: Any) -> str:
@@ -307,6 +307,30 @@ class _Timings:
     export_start: float | None = None
 
 
+PAGE_IN_VERSION = 1  # in the cache key: calibrations from before the page-in timed the reads per prompt
+
+
+def page_in(backend: Any) -> int:
+    """Read every weight of the backend's modules once; returns the bytes read. Safetensors files are
+    memory-mapped, so a load returns before the weights are read and the first forward pays for the reads:
+    calibrating on a few prompts would count them as per-prompt work. Read inside the timed load, they count
+    as the task's fixed cost, which they are."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    for value in vars(backend).values():
+        if not isinstance(value, torch.nn.Module):
+            continue
+        for tensor in (*value.parameters(), *value.buffers()):
+            if id(tensor) in seen or tensor.device.type == "meta":
+                continue
+            seen.add(id(tensor))
+            tensor.detach().sum()  # touches every page of the tensor
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
 @contextmanager
 def timing_hooks(clock: Callable[[], float], t: _Timings) -> Iterator[None]:
     """Time the model loads (silmm.models.load_backend, also where a job imported it by name), the prompts
@@ -341,7 +365,14 @@ def timing_hooks(clock: Callable[[], float], t: _Timings) -> Iterator[None]:
             super().__init__(*args, **kwargs)
 
     load = M.load_backend
-    patches = [(m, "load_backend", timed(load, "load_s")) for m in (M, jobs.prompts, jobs.questions, jobs.samples,
+
+    def load_and_page_in(*args: Any, **kwargs: Any) -> Any:
+        backend = load(*args, **kwargs)
+        page_in(backend)
+        return backend
+
+    timed_load = timed(functools.wraps(load)(load_and_page_in), "load_s")
+    patches = [(m, "load_backend", timed_load) for m in (M, jobs.prompts, jobs.questions, jobs.samples,
                jobs.scores, jobs.train) if getattr(m, "load_backend", None) is load]
     patches += [(P, "build_vocabulary", timed(P.build_vocabulary, "vocab_s")),
                 (T, "Prefetcher", TimedPrefetcher),

@@ -292,6 +292,9 @@ def test_existing_destination_and_cli(released, converted, tmp_path, capsys):
     assert json.loads((tmp_path / "tiny" / "config.json").read_text())["model_type"] == "dreamllm"
     assert (tmp_path / "tiny" / "stable_diffusion_head.bin").read_bytes() == (
         released / "stable_diffusion_head.bin").read_bytes()  # deterministic from the seed
+    capsys.readouterr()
+    assert main(["make-tiny", "dreamllm", str(tmp_path / "tiny")]) == 2  # never over an existing directory
+    assert "exists" in capsys.readouterr().err
 
 
 def test_configs_from_options_and_a_half_precision_release(released, tmp_path):

@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 
 from silmm import cli
 from silmm import config as C
@@ -205,6 +206,18 @@ def test_calibration_splits_load_work_and_vocabulary_exactly(calibrated):
     assert costs.train_steps == 2 and costs.train_micro_batch == cfg.train.batch_size  # grad_accum 1, one rank
     assert costs.export_bytes > 0 and costs.checkpoint_bytes > 0 and costs.model_bytes > 0
     assert costs.device.startswith("cpu: ") and costs.memory_kind.startswith("peak RSS")
+
+
+def test_page_in_reads_every_weight_once(tiny_checkpoints):
+    """Each distinct parameter and buffer of every module the backend holds, shared ones once."""
+    from silmm.backends.janus import JanusBackend
+    from silmm.config import Backend, Device, ModelConfig, SamplingConfig
+
+    backend = JanusBackend.load(ModelConfig(backend=Backend.janus, path=str(tiny_checkpoints("janus")),
+                                            device=Device.cpu), SamplingConfig())
+    modules = [v for v in vars(backend).values() if isinstance(v, torch.nn.Module)]
+    tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
+    assert modules and PL.page_in(backend) == sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def test_second_calibration_is_a_cache_hit(calibrated):

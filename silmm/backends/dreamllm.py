@@ -50,7 +50,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -512,6 +512,20 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_blo
                 down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
                 norm_num_groups=32, sample_size=32)
 TINY_QUERIES, TINY_HIDDEN = 8, 64
+TINY_LLAMA = dict(hidden_size=TINY_HIDDEN, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
+
+
+@dataclass(frozen=True)
+class ReleaseSizes:
+    """What :func:`build_tiny_dreamllm_released` builds: the tiny sizes by default; bench/dreamllm_real_width.py
+    passes DreamLLM-7B's widths. ``llama`` holds LlamaConfig fields; ``vocab_size`` 0 is the tokenizer's size."""
+    llama: dict = field(default_factory=lambda: dict(TINY_LLAMA))
+    clip: dict = field(default_factory=lambda: dict(TINY_CLIP))
+    unet: dict = field(default_factory=lambda: dict(TINY_UNET))
+    vae: dict = field(default_factory=lambda: dict(TINY_VAE))
+    queries: int = TINY_QUERIES
+    vocab_size: int = 0
 
 
 def tiny_release_tokenizer():
@@ -555,9 +569,9 @@ def _write_main_shards(state: dict[str, torch.Tensor], out: Path, layers: int) -
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def build_tiny_dreamllm_released(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_dreamllm_released(out_dir: str | Path, seed: int = 0, sizes: ReleaseSizes | None = None) -> Path:
     """A tiny random DreamLLM in the released layout (module docstring), deterministic from ``seed``; written to a
-    temporary sibling and renamed. The global RNG is left as it was."""
+    temporary sibling and renamed. The global RNG is left as it was. ``sizes``: see :class:`ReleaseSizes`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import (
         CLIPImageProcessorPil,
@@ -574,29 +588,30 @@ def build_tiny_dreamllm_released(out_dir: str | Path, seed: int = 0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tok = tiny_release_tokenizer()
-    llama = LlamaConfig(vocab_size=len(tok), hidden_size=TINY_HIDDEN, intermediate_size=128, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
-                        initializer_range=0.1, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    sizes = sizes or ReleaseSizes()
+    clip_cfg, hidden, layers = sizes.clip, sizes.llama["hidden_size"], sizes.llama["num_hidden_layers"]
+    llama = LlamaConfig(vocab_size=sizes.vocab_size or len(tok), **sizes.llama, rope_theta=10000.0,
+                        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         llm = LlamaForCausalLM(llama)
-        clip = CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP))
-        unet, vae = UNet2DConditionModel.from_config(TINY_UNET), AutoencoderKL.from_config(TINY_VAE)
-        queries = 0.1 * torch.randn(1, TINY_QUERIES, TINY_HIDDEN)
-        clip_proj_w, clip_proj_b = 0.1 * torch.randn(TINY_HIDDEN, TINY_CLIP["hidden_size"]), 0.1 * torch.randn(TINY_HIDDEN)
-        sd_proj_w = 0.1 * torch.randn(TINY_UNET["cross_attention_dim"], TINY_HIDDEN)
+        clip = CLIPVisionModel(CLIPVisionConfig(**clip_cfg))
+        unet, vae = UNet2DConditionModel.from_config(sizes.unet), AutoencoderKL.from_config(sizes.vae)
+        queries = 0.1 * torch.randn(1, sizes.queries, hidden)
+        clip_proj_w, clip_proj_b = 0.1 * torch.randn(hidden, clip_cfg["hidden_size"]), 0.1 * torch.randn(hidden)
+        sd_proj_w = 0.1 * torch.randn(sizes.unet["cross_attention_dim"], hidden)
     # the main weights, with the persistent RoPE buffers an older transformers wrote
     main = {k: v for k, v in llm.state_dict().items() if "rotary_emb" not in k}
-    head_dim = TINY_HIDDEN // llama.num_attention_heads
+    head_dim = hidden // llama.num_attention_heads
     inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
-    main.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq.clone() for i in range(4)})
-    _write_main_shards(main, tmp, 4)
+    main.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq.clone() for i in range(layers)})
+    _write_main_shards(main, tmp, layers)
     tok.save_pretrained(str(tmp))
     # the plugins: CLIP keys as transformers 4.x named them (vision_model.*, with the position_ids buffer)
     clip_state = {f"clip_vision_model.vision_model.{k}": v for k, v in clip.state_dict().items()}
     clip_state["clip_vision_model.vision_model.embeddings.position_ids"] = torch.arange(
-        (TINY_CLIP["image_size"] // TINY_CLIP["patch_size"]) ** 2 + 1)[None]
+        (clip_cfg["image_size"] // clip_cfg["patch_size"]) ** 2 + 1)[None]
     torch.save({**clip_state, "projector.projector.weight": clip_proj_w, "projector.projector.bias": clip_proj_b},
                tmp / f"{CLIP}.bin")
     torch.save({**{f"unet.{k}": v for k, v in unet.state_dict().items()},
@@ -604,12 +619,12 @@ def build_tiny_dreamllm_released(out_dir: str | Path, seed: int = 0) -> Path:
                tmp / f"{SD}.bin")
     torch.save({"dream_queries": queries}, tmp / f"{DREAM}.bin")
     # the configs the plugins name, as local directories inside the release
-    CLIPVisionConfig(**TINY_CLIP).save_pretrained(str(tmp / TINY_CLIP_DIR))
-    size = TINY_CLIP["image_size"]
+    CLIPVisionConfig(**clip_cfg).save_pretrained(str(tmp / TINY_CLIP_DIR))
+    size = clip_cfg["image_size"]
     CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
         str(tmp / TINY_CLIP_DIR))
-    for sub, cfg in (("unet", dict(TINY_UNET, _class_name="UNet2DConditionModel")),
-                     ("vae", dict(TINY_VAE, _class_name="AutoencoderKL"))):
+    for sub, cfg in (("unet", dict(sizes.unet, _class_name="UNet2DConditionModel")),
+                     ("vae", dict(sizes.vae, _class_name="AutoencoderKL"))):
         (tmp / TINY_SD_DIR / sub).mkdir(parents=True)
         (tmp / TINY_SD_DIR / sub / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (tmp / TINY_SD_DIR / "scheduler").mkdir()
@@ -622,7 +637,7 @@ def build_tiny_dreamllm_released(out_dir: str | Path, seed: int = 0) -> Path:
               "pad_token_id": tok.pad_token_id,
               "special_tokens2ids_dict": {"additional_special_tokens": added, "<s>": tok.bos_token_id,
                                           "</s>": tok.eos_token_id, "<unk>": tok.unk_token_id, PAD_TOKEN: tok.pad_token_id},
-              "plugins_init_kwargs": _plugin_kwargs(TINY_CLIP_DIR, TINY_SD_DIR, TINY_HIDDEN, TINY_QUERIES),
+              "plugins_init_kwargs": _plugin_kwargs(TINY_CLIP_DIR, TINY_SD_DIR, hidden, sizes.queries),
               "plugins_type": dict(PLUGIN_TYPES), "loss_weight_lm": 1.0, "loss_weight_vm": 10.0,
               "loss_scale_schedule": "none"}
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")

@@ -39,7 +39,7 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
 
     results, images = E.evaluate_prompts(backend, prompts, toy.eval_samples, cfg.run.seed, cfg.sampling.batch_size,
                                          load_examples(cfg.questions.icl_examples), cfg.questions.max_questions,
-                                         cfg.questions.max_new_tokens, judge=judge)
+                                         cfg.questions.max_new_tokens, judge=judge, style=toy.question_style.value)
     summary = {"iteration": iteration, **E.summarize(results), "prompts": len(prompts), "samples": toy.eval_samples,
                "results": [asdict(r) for r in results]}
 

@@ -46,7 +46,7 @@ def run(run: RunDir, iteration: int, shard: int, stop_after: int | None = None) 
 
     # 1. Vocabulary, model, optimizer; progress of an interrupted job, if any.
     examples = load_examples(cfg.questions.icl_examples)
-    tokenizer = PT.build_tokenizer(examples)
+    tokenizer = PT.build_tokenizer(examples, PT.style(toy))
     model = PT.build_model(tokenizer, toy, p.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.98), weight_decay=0.01)
     start = PT.load_progress(partial, model, optimizer)
@@ -91,6 +91,8 @@ def run(run: RunDir, iteration: int, shard: int, stop_after: int | None = None) 
     quality = {"answer_accuracy": PT.answer_accuracy(model, corpus, train_prompts, p.seed),
                "held_out_answer_accuracy": PT.answer_accuracy(
                    model, corpus, world.eval_prompts(60, toy.held_out_fraction, seed=99), p.seed)}
+    if corpus.style == "exhaustive":  # the new question alone: is the total counted right?
+        quality["total_answer_accuracy"] = PT.answer_accuracy(model, corpus, train_prompts, p.seed, kinds=("total",))
     log.info("pretrained in %.0f s: %s", time.time() - t0, quality)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

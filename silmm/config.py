@@ -70,6 +70,11 @@ class Diversity(str, Enum):
     noisy_queries = "noisy_queries"  # Gaussian noise on the dream queries (paper's ablation)
 
 
+class ToyQuestionStyle(str, Enum):
+    named = "named"  # the paper's decomposition: the named objects, attributes, counts and relations
+    exhaustive = "exhaustive"  # plus "Are there exactly N objects?": catches objects the prompt does not name
+
+
 class DropDivPlacement(str, Enum):
     last = "last"  # the last `dropdiv_layers` layers (the paper's choice)
     first_half = "first_half"
@@ -430,6 +435,8 @@ class ToyConfig:
     eval_prompts: int = 96  # held-out prompts scored by the oracle after every iteration (and before)
     eval_samples: int = 4  # images per evaluation prompt
     grid_prompts: int = 6  # held-out prompts shown in the report's image grid
+    # what the toy LMM's self-questions ask (silmm/toy/world.py: self_checks); the oracle is the same for both
+    question_style: ToyQuestionStyle = ToyQuestionStyle.named
     pretrain: ToyPretrainConfig = field(default_factory=ToyPretrainConfig)
 
 
@@ -471,6 +478,11 @@ MUTABLE_PREFIXES = ("executor", "logging", "store.file_locking", "store.gc_after
 # Keys that nothing read, removed from the schema: a config that sets one is told so; a frozen config.yaml
 # of an older run still opens (they were all outside the config hash).
 REMOVED_KEYS = {"logging.level": "nothing read it; the log level is the command's --log-level option"}
+
+
+# Keys added after runs existed, with the value that means "as before": at that value a key is left out of
+# the config hash, so older configs keep their hash and their runs stay open.
+HASH_DEFAULTS: dict[str, Any] = {"toy.question_style": "named"}
 
 
 def _drop_removed(tree: DictConfig) -> DictConfig:
@@ -1089,7 +1101,8 @@ def is_mutable_key(key: str) -> bool:
 
 def result_keys(cfg: SilmmConfig) -> dict[str, Any]:
     """The flattened keys that can change what a run computes."""
-    return {k: v for k, v in flatten(to_container(cfg)).items() if not is_mutable_key(k)}
+    return {k: v for k, v in flatten(to_container(cfg)).items()
+            if not is_mutable_key(k) and not (k in HASH_DEFAULTS and v == HASH_DEFAULTS[k])}
 
 
 def config_hash(cfg: SilmmConfig) -> str:

@@ -30,7 +30,7 @@ class PromptResult:
     partial: list[float]  # fraction of checks that hold per image
     self_score: list[float]  # the model's own score per image
     questions: list[str]
-    questions_exact: bool  # the model wrote exactly the oracle's decomposition
+    questions_exact: bool  # the model wrote exactly the decomposition of toy.question_style
     strict: list[float] | None = None  # overall, and no object beyond those the prompt names
 
 
@@ -42,9 +42,11 @@ def check_fraction(prompt: str, image: np.ndarray) -> float:
 
 def evaluate_prompts(backend, prompts: Sequence[str], samples: int, run_seed: int, batch_size: int,
                      examples: Sequence[tuple[str, Sequence[str]]], max_questions: int = 8,
-                     max_new_tokens: int = 64, judge=None) -> tuple[list[PromptResult], dict[str, np.ndarray]]:
+                     max_new_tokens: int = 64, judge=None,
+                     style: str = "named") -> tuple[list[PromptResult], dict[str, np.ndarray]]:
     """Results per prompt, and the images of every prompt ({prompt: uint8 [samples, H, W, 3]}).
-    ``backend`` draws the images; ``judge`` (default: the same model) writes questions and answers them."""
+    ``backend`` draws the images; ``judge`` (default: the same model) writes questions and answers them;
+    ``style``: the question style whose decomposition counts as exact."""
     judge = backend if judge is None else judge
     flat = [(i, j) for i in range(len(prompts)) for j in range(samples)]
     images = np.zeros((len(prompts), samples, world.SIZE, world.SIZE, 3), np.uint8)
@@ -63,7 +65,7 @@ def evaluate_prompts(backend, prompts: Sequence[str], samples: int, run_seed: in
     answers = judge.yes_no(images.reshape(-1, *images.shape[2:]), [qs for qs in asked for _ in range(samples)])
     results = []
     for i, prompt in enumerate(prompts):
-        truth = world.questions(prompt)
+        truth = world.questions(prompt, style)
         oracle = [world.score(prompt, im).overall for im in images[i]]
         results.append(PromptResult(
             prompt=prompt, category=world.parse_prompt(prompt).category, oracle=oracle,

@@ -7,6 +7,8 @@ format :class:`~silmm.backends.fusion.FusionBackend` uses at run time:
 - yes/no answers: ``<s> <boi> codes <eoi> question Answer: yes|no`` with exact labels from the oracle, on
   images that fit the prompt, near misses and random scenes (loss on the answer);
 - questions:      the questions stage's own request -> the prompt's decomposition (loss on the answer).
+The questions written and answered are those of ``toy.question_style`` (world.self_checks): under
+``exhaustive`` the model also learns to ask for, and count, the total number of objects.
 Held-out prompt combinations never appear. Batch ``step`` of a kind depends only on (seed, step), so a
 resumed pretraining sees exactly the batches an uninterrupted one would have.
 """
@@ -40,13 +42,23 @@ def cache_key(toy: ToyConfig, examples: Sequence[tuple[str, Sequence[str]]]) -> 
     """What a cached pretrained model depends on; stored in its pretrain.json and compared on reuse."""
     text = json.dumps([[prompt, *qs] for prompt, qs in examples])
     settings = {k: v for k, v in asdict(toy.pretrain).items() if k != "threads"}  # threads: speed only
-    return {"world_version": WORLD_VERSION, "held_out_fraction": toy.held_out_fraction, "pretrain": settings, "question_examples_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    key = {"world_version": WORLD_VERSION, "held_out_fraction": toy.held_out_fraction, "pretrain": settings,
+           "question_examples_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    if style(toy) != "named":  # absent for the default, so models cached before the key existed stay valid
+        key["question_style"] = style(toy)
+    return key
 
 
-def build_tokenizer(examples: Sequence[tuple[str, Sequence[str]]]):
+def style(toy: ToyConfig) -> str:
+    """toy.question_style as world.STYLES names it."""
+    return getattr(toy.question_style, "value", toy.question_style)
+
+
+def build_tokenizer(examples: Sequence[tuple[str, Sequence[str]]], question_style: str = "named"):
     request = question_request("a red circle", examples)
     numbers = " ".join(str(i) for i in range(1, 21))
-    words = text_words([request, *world.VOCAB_TEXT, numbers, "yes no empty", FusionSpec().answer_suffix])
+    words = text_words([request, *world.VOCAB_TEXT, world.STYLE_WORDS[question_style], numbers, "yes no empty",
+                        FusionSpec().answer_suffix])
     return build_word_tokenizer(words, len(world.codebook()))
 
 
@@ -74,6 +86,7 @@ class Corpus:
 
     def __init__(self, tokenizer, toy: ToyConfig, examples: Sequence[tuple[str, Sequence[str]]]):
         self.tok, self.toy, self.examples = tokenizer, toy, examples
+        self.style = style(toy)
         spec = FusionSpec()
         self.bos, self.eos, self.pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
         self.boi, self.eoi = tokenizer.convert_tokens_to_ids([spec.boi_token, spec.eoi_token])
@@ -113,7 +126,7 @@ class Corpus:
         scene = (world.scene_for(spec, rng, distractors=int(rng.random() < 0.3)) if u < 0.35 else
                  world.near_miss(spec, rng) if u < 0.85 else world.random_scene(rng))
         objects = world.parse(world.render(scene))
-        asked = world.checks(spec) + world.checks(self._prompt(rng))
+        asked = world.self_checks(spec, self.style) + world.self_checks(self._prompt(rng), self.style)
         rng.shuffle(asked)
         ids = [self.bos, self.boi, *self.codes(scene), self.eoi]
         sup = [False] * len(ids)
@@ -125,7 +138,7 @@ class Corpus:
 
     def questions(self, rng: random.Random) -> tuple[list[int], list[bool]]:
         prompt = self._prompt(rng).text()
-        qs = world.questions(prompt)
+        qs = world.questions(prompt, self.style)
         head = [self.bos, *self.words(question_request(prompt, self.examples))]
         # the request ends with "1."; the answer goes on from there, one numbered question per line
         body = self.words(qs[0] + "".join(f"\n{i}. {q}" for i, q in enumerate(qs[1:], 2))) + [self.eos]
@@ -184,9 +197,10 @@ def load_progress(partial: Path, model: torch.nn.Module, optimizer: torch.optim.
 
 # --------------------------------------------------------------------------------------- quality
 @torch.no_grad()
-def answer_accuracy(model, corpus: Corpus, prompts: Sequence[str], seed: int, batch: int = 128) -> float:
+def answer_accuracy(model, corpus: Corpus, prompts: Sequence[str], seed: int, batch: int = 128,
+                    kinds: Sequence[str] | None = None) -> float:
     """Accuracy of one-question yes/no answers (the scores stage's format) about fresh images of the
-    prompts: scenes that fit them or nearly do."""
+    prompts: scenes that fit them or nearly do; the corpus's question style, only checks of `kinds` if given."""
     from silmm.backends.common import left_pad, positions
 
     rng = random.Random(seed)
@@ -196,7 +210,9 @@ def answer_accuracy(model, corpus: Corpus, prompts: Sequence[str], seed: int, ba
         spec = world.parse_prompt(prompt)
         scene = world.scene_for(spec, rng) if rng.random() < 0.5 else world.near_miss(spec, rng)
         objects = world.parse(world.render(scene))
-        for c in world.checks(spec):
+        for c in world.self_checks(spec, corpus.style):
+            if kinds is not None and c.kind not in kinds:
+                continue
             rows.append([corpus.bos, corpus.boi, *corpus.codes(scene), corpus.eoi,
                          *corpus.words(f"{c.question()} {corpus.answer_suffix}")])
             truth.append(c.holds(objects))

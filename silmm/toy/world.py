@@ -6,6 +6,14 @@ oracle never guesses. Prompts follow the paper's Attribute and Layout templates 
 (colour binding, counting, spatial), and every prompt parses into a :class:`Spec` whose checks are the
 T2I-CompBench++ sub-scores (colour, shape, counting, spatial). The same checks, phrased as yes/no
 questions, are what the toy LMM learns to ask and answer.
+
+Question styles (config ``toy.question_style``): ``named`` asks only what the oracle checks, that the named
+objects exist (the paper's kind of decomposition: "Is there a red circle?"), so a cluttered image passes;
+``exhaustive`` adds one question on the total, "Are there exactly two objects?", which fails on any object
+the prompt does not name. Every toy question is phrased so that "yes" means the image meets the prompt:
+the generic score (silmm/feedback.py, mean p(yes) - p(no)) needs no sign per question. A question like "Is
+there anything else?" would need the opposite sign, and the prompt beside the image to be answerable at
+all (the answerer sees only the image and the question).
 """
 
 from __future__ import annotations
@@ -34,6 +42,11 @@ CATEGORIES = ("color", "numeracy", "spatial")
 VOCAB_TEXT = [" ".join(COLOURS), " ".join(SHAPES) + " " + " ".join(s + "s" for s in SHAPES), " ".join(NUMBERS),
               " ".join(RELATIONS), "a an and is are there the ?"]  # every word a toy prompt or question uses
 KINDS = ("color", "shape", "count", "spatial")  # oracle sub-scores
+STYLES = ("named", "exhaustive")  # toy.question_style: what the toy LMM's self-questions ask
+TOTALS = NUMBERS + ("five", "six", "seven", "eight")  # question counts: a prompt names up to 4 + 4 objects
+ANY = "object"  # the shape of a phrase every object matches (unparseable cells too): "two objects"
+# words the style's questions use beyond VOCAB_TEXT (the named style's tokenizer must stay as it was)
+STYLE_WORDS = {"named": "", "exhaustive": "exactly object objects " + " ".join(TOTALS[len(NUMBERS):])}
 UNKNOWN = "unknown"  # a cell that is neither empty nor an exact rendered object
 
 
@@ -123,7 +136,7 @@ class Phrase:
     count: int = 1
 
     def matches(self, o: Obj) -> bool:
-        return o.shape == self.shape and (self.colour is None or o.colour == self.colour)
+        return self.shape == ANY or (o.shape == self.shape and (self.colour is None or o.colour == self.colour))
 
     def noun(self, plural: bool = False) -> str:
         words = ([self.colour] if self.colour else []) + [self.shape + ("s" if plural else "")]
@@ -275,13 +288,13 @@ def relation_holds(a: Obj, b: Obj, relation: str) -> bool:
 class Check:
     """One atomic requirement of a prompt: an oracle sub-score item and a yes/no question."""
 
-    kind: str  # color | shape | count | spatial
+    kind: str  # color | shape | count | spatial (the oracle's), total (the exhaustive style's)
     phrase: Phrase
     other: Phrase | None = None
     relation: str | None = None
 
     def holds(self, objects: list[Obj]) -> bool:
-        if self.kind == "count":
+        if self.kind in ("count", "total"):
             return sum(self.phrase.matches(o) for o in objects) == self.phrase.count
         if self.kind in ("color", "shape"):
             return any(self.phrase.matches(o) for o in objects)
@@ -290,9 +303,10 @@ class Check:
 
     def question(self) -> str:
         p = self.phrase
-        if self.kind == "count":
+        if self.kind in ("count", "total"):
             verb = "are there" if p.count > 1 else "is there"
-            return f"{verb} {NUMBERS[p.count - 1]} {p.noun(p.count > 1)}?"
+            exactly = "exactly " if self.kind == "total" else ""  # "two objects" alone reads as "at least"
+            return f"{verb} {exactly}{TOTALS[p.count - 1]} {p.noun(p.count > 1)}?"
         if self.kind in ("color", "shape"):
             return f"is there {p.with_article()}?"
         return f"is the {p.noun()} {self.relation} the {self.other.noun()}?"
@@ -312,13 +326,28 @@ def checks(spec: Spec) -> list[Check]:
     return list(dict.fromkeys(out))  # two phrases of one shape share their shape check
 
 
-def questions(prompt: str) -> list[str]:
-    """The decomposition of a prompt into yes/no questions (one per check), capitalised."""
-    return [q[0].upper() + q[1:] for q in (c.question() for c in checks(parse_prompt(prompt)))]
+def total_check(spec: Spec) -> Check:
+    """The image holds exactly as many objects as the prompt names. With every check of the prompt
+    holding, this one holds iff nothing beyond the named objects is there (:func:`nothing_extra`)."""
+    return Check("total", Phrase(ANY, None, sum(p.count for p in spec.phrases)))
+
+
+def self_checks(spec: Spec, style: str = "named") -> list[Check]:
+    """The checks the toy LMM's questions ask, in order: the oracle's, then under ``exhaustive`` the total."""
+    if style not in STYLES:
+        raise ValueError(f"unknown toy question style {style!r} (styles: {', '.join(STYLES)})")
+    return checks(spec) + ([total_check(spec)] if style == "exhaustive" else [])
+
+
+def questions(prompt: str, style: str = "named") -> list[str]:
+    """The decomposition of a prompt into yes/no questions (one per self-check), capitalised."""
+    return [q[0].upper() + q[1:] for q in (c.question() for c in self_checks(parse_prompt(prompt), style))]
 
 
 _Q_NOUN = _NOUN.replace("(?P<c{i}>", "(?P<qc{i}>").replace("(?P<s{i}>", "(?P<qs{i}>").replace("(?P<pl{i}>", "(?P<qp{i}>")
+_TOTAL = "|".join(TOTALS)
 _QUESTIONS = [
+    ("total", re.compile(f"(?:is|are) there exactly (?P<n>{_TOTAL}) {ANY}(?P<qp0>s?)")),
     ("count", re.compile(f"(?:is|are) there (?P<n>{_NUM}) {_Q_NOUN.format(i=0)}")),
     ("exists", re.compile(f"is there {_ART}{_Q_NOUN.format(i=0)}")),
     ("spatial", re.compile(f"is the {_Q_NOUN.format(i=0)} (?P<rel>{_REL}) the {_Q_NOUN.format(i=1)}")),
@@ -332,6 +361,8 @@ def parse_question(question: str) -> Check:
         m = pattern.fullmatch(text)
         if not m:
             continue
+        if kind == "total":
+            return Check("total", Phrase(ANY, None, TOTALS.index(m.group("n")) + 1))
         p0 = Phrase(m.group("qs0"), m.group("qc0"))
         if kind == "count":
             return Check("count", Phrase(p0.shape, p0.colour, NUMBERS.index(m.group("n")) + 1))

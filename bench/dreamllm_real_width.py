@@ -42,7 +42,7 @@ Extrapolations, printed as ESTIMATES, not measurements:
   32L CPU  the LLM parts times 32 / --layers; decode's UNet + VAE part times the ratio of FLOP counts (meta device)
            of the real SD 2.1-base UNet at 512 px x 50 steps x 2 (CFG) + the VAE to the built one at the run's
            size; CLIP kept as measured; load and convert times the parameter ratio of the full model to the built.
-  H200     a roofline over the full-depth model in bf16 with ASSUMED efficiencies (H200_* below, as in
+  H200     a roofline over the full-depth model in bf16 with ASSUMED efficiencies (H200_* in bench/_real_width.py, as in
            bench/seed_llama_real_width.py): max(FLOPs / (989 TFLOP/s x 0.35), weight bytes read / (4.8 TB/s x 0.6));
            LLM FLOPs 2 x layer parameters x tokens forward; UNet / VAE / CLIP FLOPs counted with torch's
            FlopCounterMode on meta tensors.
@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -72,6 +71,18 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _real_width import (  # noqa: E402  (bench/ is on sys.path when this file runs as a script)
+    Row,
+    Timed,
+    h200_assumption,
+    h200_seconds,
+    loadavg,
+    meta_flops,
+    page_in,
+    peak_gib,
+    print_table,
+    vae_decode_flops,
+)
 
 CONFIG = ROOT / "configs" / "dreamllm_7b_slurm.yaml"
 RELEASE_LAYERS, RELEASE_RESOLUTION = 32, 512
@@ -80,10 +91,6 @@ PROMPT = "a red apple and a blue cup on a wooden table"
 QUESTIONS = ["Is there an apple?", "Is the apple red?", "Is there a cup?", "Is the cup blue?",
              "Is there a table?", "Is the table wooden?", "Is the apple on the table?", "Is the cup on the table?"]
 ITERATION_PROMPTS = 16000  # the paper's prompts per iteration (configs/dreamllm_7b_slurm.yaml: prompts.count)
-# ASSUMPTIONS for the H200 figure (not measured), as in bench/seed_llama_real_width.py: dense bf16 peak, the
-# fraction of it reached, HBM bandwidth and the fraction of it reached
-H200_BF16_FLOPS, H200_MFU = 989e12, 0.35
-H200_HBM_BYTES, H200_BW_UTIL = 4.8e12, 0.6
 
 
 def real_unet() -> dict:
@@ -107,14 +114,6 @@ def release_sizes(layers: int, resolution: int):
     return ReleaseSizes(llama=llama, clip=dict(BUILTIN_CLIP[CLIP_L14]), unet=reduced_unet(resolution),
                         vae=dict(BUILTIN_VAE[SD21_BASE], sample_size=resolution), queries=64,
                         vocab_size=WORDS + ADDED)
-
-
-def peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 # ------------------------------------------------------------------------------ children (build, convert)
@@ -146,12 +145,6 @@ def in_child(fn: Callable, *args):
 
 
 # ------------------------------------------------------------------------------------------ FLOP counts
-def meta_flops(fn: Callable[[], object]) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        fn()
-    return float(counter.get_total_flops())
 
 
 def unet_step_flops(config: dict, latent: int, tokens: int) -> tuple[float, int]:
@@ -163,16 +156,6 @@ def unet_step_flops(config: dict, latent: int, tokens: int) -> tuple[float, int]
         flops = meta_flops(lambda: unet(torch.zeros(2, 4, latent, latent), torch.full((2,), 10),
                                         encoder_hidden_states=torch.zeros(2, tokens, 1024)))
     return flops, sum(p.numel() for p in unet.parameters())
-
-
-def vae_decode_flops(resolution: int) -> float:
-    from diffusers import AutoencoderKL
-
-    from silmm.backends.dreamllm import BUILTIN_VAE, SD21_BASE
-
-    with torch.device("meta"):
-        vae = AutoencoderKL.from_config(BUILTIN_VAE[SD21_BASE]).requires_grad_(False)
-        return meta_flops(lambda: vae.decode(torch.zeros(1, 4, resolution // 8, resolution // 8)))
 
 
 def clip_flops() -> float:
@@ -187,52 +170,6 @@ def clip_flops() -> float:
 
 
 # ------------------------------------------------------------------------------------------ report
-@dataclass
-class Row:
-    phase: str
-    seconds: float
-    per: str  # the unit of `seconds_per`
-    seconds_per: float
-    peak: float  # GiB, high-water mark after the phase
-    full_cpu: float | None  # estimate at full depth (and the real UNet for decode), seconds per unit
-    h200: float | None  # roofline estimate, seconds per unit
-
-
-def h200_seconds(flops: float, weight_bytes: float) -> float:
-    return max(flops / (H200_BF16_FLOPS * H200_MFU), weight_bytes / (H200_HBM_BYTES * H200_BW_UTIL))
-
-
-def fmt(x: float | None, digits: int = 2) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def print_table(rows: list[Row]) -> None:
-    print(f"{'phase':<38} {'s':>8} {'per':<10} {'s/per':>8} {'peak GiB':>9} {'32L CPU est':>12} {'H200 est':>9}")
-    for r in rows:
-        print(f"{r.phase:<38} {r.seconds:>8.2f} {r.per:<10} {r.seconds_per:>8.2f} {r.peak:>9.2f} "
-              f"{fmt(r.full_cpu):>12} {fmt(r.h200, 4):>9}")
-
-
-def page_in(modules: list[torch.nn.Module]) -> None:
-    """Read every weight once (see the module docstring)."""
-    with torch.no_grad():
-        for module in modules:
-            for tensor in (*module.parameters(), *module.buffers()):
-                tensor.sum()
-
-
-class Timed:
-    """Wraps a callable and adds up the seconds it runs (to split a phase into its LLM and other parts)."""
-
-    def __init__(self, fn: Callable):
-        self.fn, self.seconds = fn, 0.0
-
-    def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return self.fn(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - t0
 
 
 @dataclass
@@ -306,11 +243,13 @@ def phase_decode(backend, h: torch.Tensor, steps: int, real_steps: int, resoluti
         del backend._dream_forward
     if images.shape != (1, resolution, resolution, 3):
         raise RuntimeError(f"decode returned {list(images.shape)}, expected [1, {resolution}, {resolution}, 3]")
+    from silmm.backends.dreamllm import BUILTIN_VAE, SD21_BASE
+
     queries = backend.head_cfg.num_queries
     built = steps * unet_step_flops(reduced_unet(resolution), resolution // 8, queries)[0] \
-        + vae_decode_flops(resolution)
+        + vae_decode_flops(BUILTIN_VAE[SD21_BASE], resolution)
     real = real_steps * unet_step_flops(real_unet(), RELEASE_RESOLUTION // 8, queries)[0] \
-        + vae_decode_flops(RELEASE_RESOLUTION)
+        + vae_decode_flops(BUILTIN_VAE[SD21_BASE], RELEASE_RESOLUTION)
     rest = seconds - llm.seconds
     print(f"decode: DDPM, guidance {backend.sampling.decoder_guidance_scale} (2 UNet passes per step); UNet+VAE "
           f"FLOPs per image: built {built / 1e12:.2f} T ({steps} steps, {resolution} px), real {real / 1e12:.1f} T "
@@ -491,7 +430,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
           f"float32 on CPU, {args.threads} threads; settings from {CONFIG.relative_to(ROOT)} ({s.diversity.value} "
           f"rate {s.dropdiv_rate} in the {s.dropdiv_placement.value} {s.dropdiv_layers} layers, guidance "
           f"{s.decoder_guidance_scale}, {type(backend.scheduler).__name__}, KC-DPO gamma {cfg.train.gamma})")
-    print_table(rows)
+    print_table(rows, width=38)
     raw = sizes.hidden * backend.head_cfg.num_queries * np.dtype(cfg.store.features_dtype.value).itemsize
     n_iter = cfg.sampling.samples_per_prompt
     per_iteration = ITERATION_PROMPTS * (n_iter * per_sample + per_ref)
@@ -512,8 +451,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
           f"GiB release in float32, ~{convert_base + held * full_release / 2:.0f} GiB in float16/bfloat16. Token counts come from our "
           f"byte-level tokenizer (more tokens per prompt than Vicuna's), an over-count for the LLM parts.")
     print(f"'H200 est': an ASSUMPTION, not a measurement, seconds per unit at full depth in bf16: "
-          f"max(FLOPs / ({H200_BF16_FLOPS / 1e12:.0f} TFLOP/s x {H200_MFU}), weight bytes read / "
-          f"({H200_HBM_BYTES / 1e12:.1f} TB/s x {H200_BW_UTIL})). Sampling is one forward of {tokens} positions per "
+          f"{h200_assumption()}. Sampling is one forward of {tokens} positions per "
           f"sample ({sizes.layers_bytes / 2**30:.1f} GiB of layer weights read once per batch of {args.samples}); "
           f"decode, H_r and KC-DPO count compute only; KC-DPO counts "
           f"{'3' if cfg.train.gradient_checkpointing else '2'} forward-equivalents (forward, "

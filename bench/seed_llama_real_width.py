@@ -36,7 +36,7 @@ Extrapolations, printed as ESTIMATES, not measurements:
   32L CPU  the LLM parts times 32 / --layers (the image tokenizer is already at full depth); decode times the
            ratio of FLOP counts (meta device) of the real unCLIP (full UNet, 768 px, 20 steps, VAE) to the built
            one at the run's size; load times the parameter ratio of the full model to the built one.
-  H200     a roofline over the full-depth model in bf16 with ASSUMED efficiencies (H200_* below):
+  H200     a roofline over the full-depth model in bf16 with ASSUMED efficiencies (H200_* in bench/_real_width.py):
            max(FLOPs / (989 TFLOP/s x 0.35), weight bytes read / (4.8 TB/s x 0.6)); LLM FLOPs are 2 x layer
            parameters x tokens forward, 4 x for LoRA forward + backward (no weight gradients for the frozen
            weights); ViT-g / Q-Former / UNet / VAE FLOPs counted with torch's FlopCounterMode on meta tensors.
@@ -50,12 +50,10 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +62,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from _real_width import (  # noqa: E402  (bench/ is on sys.path when this file runs as a script)
+    Row,
+    Timed,
+    child_peak_gib,
+    h200_assumption,
+    h200_seconds,
+    loadavg,
+    meta_flops,
+    page_in,
+    peak_gib,
+    print_table,
+    vae_decode_flops,
+)
 
 CONFIG = ROOT / "configs" / "seed_llama_8b_slurm.yaml"
 RELEASE_LAYERS, RELEASE_STEPS, RELEASE_RESOLUTION = 32, 20, 768
@@ -71,11 +82,6 @@ WORDS, CODES = 32000, 8192
 PROMPT = "a red apple and a blue cup on a wooden table"
 QUESTIONS = ["Is there an apple?", "Is the apple red?", "Is there a cup?", "Is the cup blue?",
              "Is there a table?", "Is the table wooden?", "Is the apple on the table?", "Is the cup on the table?"]
-# ASSUMPTIONS for the H200 figure (not measured): dense bf16 peak, the fraction of it reached, HBM bandwidth and
-# the fraction of it reached
-H200_BF16_FLOPS, H200_MFU = 989e12, 0.35
-H200_HBM_BYTES, H200_BW_UTIL = 4.8e12, 0.6
-
 # Stable Diffusion 2.1 unCLIP (stabilityai/stable-diffusion-2-1-unclip): the real UNet and VAE
 REAL_UNET = dict(in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -88,18 +94,6 @@ REDUCED_UNET = REAL_UNET | dict(block_out_channels=(320, 640, 1280), layers_per_
                                 attention_head_dim=(5, 10, 20))
 REAL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-
-
-def peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def child_peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-
-
-def loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -191,12 +185,6 @@ def build(out: Path, layers: int, resolution: int, seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ FLOP counts
-def meta_flops(fn: Callable[[], object]) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        fn()
-    return float(counter.get_total_flops())
 
 
 def unet_step_flops(config: dict, latent: int) -> tuple[float, int]:
@@ -214,14 +202,6 @@ def unet_step_flops(config: dict, latent: int) -> tuple[float, int]:
     return flops, sum(p.numel() for p in unet.parameters())
 
 
-def vae_decode_flops(resolution: int) -> float:
-    from diffusers import AutoencoderKL
-
-    with torch.device("meta"):
-        vae = AutoencoderKL(**REAL_VAE).requires_grad_(False)
-        return meta_flops(lambda: vae.decode(torch.zeros(1, 4, resolution // 8, resolution // 8)))
-
-
 def seed_encode_flops() -> float:
     """ViT-g + causal Q-Former for one 224 px image at the released sizes."""
     from silmm.backends.seed_tokenizer import SeedImageTokenizer, SeedTokenizerConfig
@@ -232,54 +212,6 @@ def seed_encode_flops() -> float:
 
 
 # ------------------------------------------------------------------------------------------ report
-@dataclass
-class Row:
-    phase: str
-    seconds: float
-    per: str  # the unit of `seconds_per`
-    seconds_per: float
-    peak: float  # GiB, high-water mark after the phase
-    full_cpu: float | None  # estimate at full depth (and real unCLIP for decode), seconds per unit
-    h200: float | None  # roofline estimate, seconds per unit
-
-
-def h200_seconds(flops: float, weight_bytes: float) -> float:
-    return max(flops / (H200_BF16_FLOPS * H200_MFU), weight_bytes / (H200_HBM_BYTES * H200_BW_UTIL))
-
-
-def fmt(x: float | None, digits: int = 2) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def print_table(rows: list[Row]) -> None:
-    print(f"{'phase':<34} {'s':>8} {'per':<10} {'s/per':>8} {'peak GiB':>9} {'32L CPU est':>12} {'H200 est':>9}")
-    for r in rows:
-        print(f"{r.phase:<34} {r.seconds:>8.2f} {r.per:<10} {r.seconds_per:>8.2f} {r.peak:>9.2f} "
-              f"{fmt(r.full_cpu):>12} {fmt(r.h200, 4):>9}")
-
-
-def page_in(modules: list) -> None:
-    """Read every weight once. The loaders map the safetensors files lazily: without this the first forward
-    pays for reading the weights (seconds, page faults) and the load looks free."""
-    with torch.no_grad():
-        for module in modules:
-            if isinstance(module, torch.nn.Module):
-                for tensor in (*module.parameters(), *module.buffers()):
-                    tensor.sum()
-
-
-class Timed:
-    """Wraps a bound method and adds up the seconds it runs (to split yes/no into encode and LLM)."""
-
-    def __init__(self, fn: Callable):
-        self.fn, self.seconds = fn, 0.0
-
-    def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return self.fn(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - t0
 
 
 def main() -> None:
@@ -386,9 +318,9 @@ def phase_decode(backend, codes: torch.Tensor, steps: int, resolution: int):
     seconds = time.perf_counter() - t0
     if images.shape != (1, resolution, resolution, 3):
         raise RuntimeError(f"decode returned {list(images.shape)}, expected [1, {resolution}, {resolution}, 3]")
-    built = steps * unet_step_flops(REDUCED_UNET, resolution // 8)[0] + vae_decode_flops(resolution)
+    built = steps * unet_step_flops(REDUCED_UNET, resolution // 8)[0] + vae_decode_flops(REAL_VAE, resolution)
     real = (RELEASE_STEPS * unet_step_flops(REAL_UNET, RELEASE_RESOLUTION // 8)[0]
-            + vae_decode_flops(RELEASE_RESOLUTION))
+            + vae_decode_flops(REAL_VAE, RELEASE_RESOLUTION))
     print(f"decode FLOPs per image: built {built / 1e12:.2f} T ({steps} steps, {resolution} px), real "
           f"{real / 1e12:.1f} T ({RELEASE_STEPS} steps, {RELEASE_RESOLUTION} px, x{real / built:.0f}); "
           f"this CPU reached {built / seconds / 1e9:.0f} GFLOP/s")
@@ -471,14 +403,13 @@ def run(args: argparse.Namespace, ckpt: Path) -> None:
     print(f"\nSEED-LLaMA at real widths, {args.layers} of {RELEASE_LAYERS} LLM layers, random weights, float32 on "
           f"CPU, {args.threads} threads; settings from {CONFIG.relative_to(ROOT)} (top-p {cfg.sampling.top_p}, "
           f"unCLIP guidance {cfg.sampling.decoder_guidance_scale}, DPO beta {cfg.train.beta})")
-    print_table(rows)
+    print_table(rows, width=34)
     print(f"\n'32L CPU est': an ESTIMATE, seconds per unit. LLM parts x {RELEASE_LAYERS}/{args.layers} (embedding and "
           f"head do not grow: a slight over-count); yes/no keeps its measured encode; decode x the FLOP ratio of the "
           f"real unCLIP ({RELEASE_STEPS} steps, {RELEASE_RESOLUTION} px, full UNet); load x the parameter ratio "
           f"(the checkpoint is read from the page cache: it was just written).")
     print(f"'H200 est': an ASSUMPTION, not a measurement, seconds per unit at full depth in bf16: "
-          f"max(FLOPs / ({H200_BF16_FLOPS / 1e12:.0f} TFLOP/s x {H200_MFU}), weight bytes read / "
-          f"({H200_HBM_BYTES / 1e12:.1f} TB/s x {H200_BW_UTIL})). Sampling is bandwidth-bound "
+          f"{h200_assumption()}. Sampling is bandwidth-bound "
           f"({sizes.step_bytes / 2**30:.1f} GiB per token step, shared by the batch of {args.samples}); decode and "
           f"DPO count compute only (a training batch shares the weight reads).")
 

@@ -77,16 +77,6 @@ def print_table(rows: list[Row], width: int = 38) -> None:
               f"{fmt(r.full_cpu):>12} {fmt(r.h200, 4):>9}")
 
 
-def page_in(modules: list) -> None:
-    """Read every weight once. The loaders map the safetensors files lazily: without this the first forward
-    pays for reading the weights (seconds, page faults) and the load looks free."""
-    with torch.no_grad():
-        for module in modules:
-            if isinstance(module, torch.nn.Module):
-                for tensor in (*module.parameters(), *module.buffers()):
-                    tensor.sum()
-
-
 class Timed:
     """Wraps a callable and adds up the seconds it runs (to split a phase into its parts)."""
 

@@ -310,19 +310,29 @@ class _Timings:
 PAGE_IN_VERSION = 1  # in the cache key: calibrations from before the page-in timed the reads per prompt
 
 
+def backend_modules(backend: Any) -> list:
+    """The torch modules a backend holds: its module attributes and the components of a diffusers pipeline
+    it holds (a pipeline is not a module: SEED-LLaMA's unCLIP decoder)."""
+    import torch
+
+    found = []
+    for value in vars(backend).values():
+        parts = getattr(value, "components", None)
+        for v in [value, *(parts.values() if isinstance(parts, dict) else ())]:
+            if isinstance(v, torch.nn.Module):
+                found.append(v)
+    return found
+
+
 def page_in(backend: Any) -> int:
     """Read every weight of the backend's modules once; returns the bytes read. Safetensors files are
     memory-mapped, so a load returns before the weights are read and the first forward pays for the reads:
     calibrating on a few prompts would count them as per-prompt work. Read inside the timed load, they count
     as the task's fixed cost, which they are."""
-    import torch
-
     seen: set[int] = set()
     total = 0
-    for value in vars(backend).values():
-        if not isinstance(value, torch.nn.Module):
-            continue
-        for tensor in (*value.parameters(), *value.buffers()):
+    for module in backend_modules(backend):
+        for tensor in (*module.parameters(), *module.buffers()):
             if id(tensor) in seen or tensor.device.type == "meta":
                 continue
             seen.add(id(tensor))

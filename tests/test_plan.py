@@ -208,14 +208,23 @@ def test_calibration_splits_load_work_and_vocabulary_exactly(calibrated):
     assert costs.device.startswith("cpu: ") and costs.memory_kind.startswith("peak RSS")
 
 
-def test_page_in_reads_every_weight_once(tiny_checkpoints):
-    """Each distinct parameter and buffer of every module the backend holds, shared ones once."""
-    from silmm.backends.janus import JanusBackend
-    from silmm.config import Backend, Device, ModelConfig, SamplingConfig
+@pytest.mark.parametrize("name", ["janus", "seed_llama"])
+def test_page_in_reads_every_weight_once(tiny_checkpoints, name):
+    """Each distinct parameter and buffer of every module the backend holds, shared ones once; with
+    seed_llama, also the modules of its diffusers pipeline (not a module itself)."""
+    import importlib
 
-    backend = JanusBackend.load(ModelConfig(backend=Backend.janus, path=str(tiny_checkpoints("janus")),
-                                            device=Device.cpu), SamplingConfig())
+    from silmm.config import Backend, Device, ModelConfig, SamplingConfig
+    from silmm.models import BACKENDS
+
+    module, cls, _, _ = BACKENDS[Backend(name)]
+    model = ModelConfig(backend=Backend(name), path=str(tiny_checkpoints(name)), device=Device.cpu)
+    backend = getattr(importlib.import_module(module), cls).load(model, SamplingConfig(guidance_scale=1.0))
     modules = [v for v in vars(backend).values() if isinstance(v, torch.nn.Module)]
+    if name == "seed_llama":
+        unet = backend.decoder.unet
+        assert unet in PL.backend_modules(backend) and unet not in modules
+        modules += [v for v in backend.decoder.components.values() if isinstance(v, torch.nn.Module)]
     tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
     assert modules and PL.page_in(backend) == sum(t.numel() * t.element_size() for t in tensors.values())
 

@@ -5,6 +5,7 @@ SILMM draws: prompts, samples, training order and LoRA initialisation.
 
     python bench/toy_seeds.py                                 # SILMM and random-score feedback, seeds 0 1 2
     python bench/toy_seeds.py --variants silmm ratio_yes sft --seeds 0
+    python bench/toy_seeds.py --pretrain-seeds 0 1 2 --seeds 0  # the spread a new user sees: pretraining too
     python bench/toy_seeds.py --report-only                   # tables from runs already on disk
 
 Finished runs are not recomputed (the driver skips done work), so an interrupted benchmark resumes.
@@ -32,10 +33,22 @@ VARIANTS = {
 CATEGORIES = ("color", "numeracy", "spatial")
 
 
-def run_one(config: str, root: str, variant: str, seed: int, extra: list[str]) -> float:
-    name = f"toy_{variant}_s{seed}"
+def run_name(variant: str, seed: int, pretrain_seed: int | None) -> str:
+    return f"toy_{variant}_s{seed}" if pretrain_seed is None else f"toy_{variant}_p{pretrain_seed}_s{seed}"
+
+
+def pretrain_overrides(pretrain_seed: int | None) -> list[str]:
+    """Each pretraining seed gets its own cached toy LMM (seed 0 keeps the config's model.path)."""
+    if pretrain_seed is None:
+        return []
+    path = ["model.path=checkpoints/toy_lmm" + (f"_p{pretrain_seed}" if pretrain_seed else "")]
+    return [f"toy.pretrain.seed={pretrain_seed}", *path]
+
+
+def run_one(config: str, root: str, variant: str, seed: int, extra: list[str], pretrain_seed: int | None = None) -> float:
+    name = run_name(variant, seed, pretrain_seed)
     args = [sys.executable, "-m", "silmm", "run", config, f"run.root={root}", f"run.name={name}", f"run.seed={seed}",
-            *VARIANTS[variant], *extra]
+            *VARIANTS[variant], *pretrain_overrides(pretrain_seed), *extra]
     t0 = time.time()
     print(f"$ {' '.join(args[2:])}", flush=True)
     subprocess.run(args, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
@@ -46,9 +59,9 @@ def run_one(config: str, root: str, variant: str, seed: int, extra: list[str]) -
     return seconds
 
 
-def load(root: str, variant: str, seed: int) -> dict[int, dict]:
+def load(root: str, variant: str, seed: int, pretrain_seed: int | None = None) -> dict[int, dict]:
     evals = {}
-    for path in sorted((Path(root) / f"toy_{variant}_s{seed}" / "eval").glob("iter_??.json")):
+    for path in sorted((Path(root) / run_name(variant, seed, pretrain_seed) / "eval").glob("iter_??.json")):
         data = json.loads(path.read_text())
         evals[data["iteration"]] = data
     return evals
@@ -61,11 +74,11 @@ def fmt(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def table(root: str, variants: list[str], seeds: list[int]) -> str:
+def table(root: str, variants: list[str], seeds: list[int], pretrain_seeds: list[int | None] = (None,)) -> str:
     lines = ["| variant | iteration | seeds | overall | " + " | ".join(CATEGORIES) +
              " | strict | self/oracle pairwise agreement | mean Spearman |", "|---" * (7 + len(CATEGORIES)) + "|"]
     for variant in variants:
-        runs = [load(root, variant, s) for s in seeds]
+        runs = [load(root, variant, s, ps) for ps in pretrain_seeds for s in seeds]
         iterations = sorted(set().union(*[r.keys() for r in runs]))
         for it in iterations:
             have = [r[it] for r in runs if it in r]
@@ -75,10 +88,11 @@ def table(root: str, variants: list[str], seeds: list[int]) -> str:
                          + f" | {fmt([e['agreement_pairwise'] for e in have])} | {fmt([e['spearman_mean'] for e in have])} |")
     walls = []
     for variant in variants:
-        for s in seeds:
-            f = Path(root) / f"toy_{variant}_s{s}" / "bench_wall_s.json"
-            if f.exists():
-                walls.append(f"{variant} seed {s}: {json.loads(f.read_text())['seconds'] / 60:.1f} min")
+        for ps in pretrain_seeds:
+            for s in seeds:
+                f = Path(root) / run_name(variant, s, ps) / "bench_wall_s.json"
+                if f.exists():
+                    walls.append(f"{run_name(variant, s, ps)}: {json.loads(f.read_text())['seconds'] / 60:.1f} min")
     return "\n".join(lines) + ("\n\nWall time per run (2 CPU cores): " + "; ".join(walls) if walls else "")
 
 
@@ -88,14 +102,35 @@ def main() -> None:
     p.add_argument("--root", default="shards/toy_bench")
     p.add_argument("--variants", nargs="+", default=["silmm", "random"], choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--pretrain-seeds", nargs="+", type=int, default=None,
+                   help="also vary the toy LMM's pretraining seed (each is pretrained once and cached); "
+                        "the tables then pool every (pretraining seed, seed)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = p.parse_args()
+    pretrain_seeds = args.pretrain_seeds or [None]
     if not args.report_only:
-        for seed in args.seeds:
-            for variant in args.variants:
-                run_one(args.config, args.root, variant, seed, args.overrides)
-    print(table(args.root, args.variants, args.seeds))
+        for ps in pretrain_seeds:
+            for seed in args.seeds:
+                for variant in args.variants:
+                    run_one(args.config, args.root, variant, seed, args.overrides, ps)
+    print(table(args.root, args.variants, args.seeds, pretrain_seeds))
+    if args.pretrain_seeds:
+        print("\n" + pretrained_table(args.config, args.overrides, args.pretrain_seeds))
+
+
+def pretrained_table(config: str, extra: list[str], pretrain_seeds: list[int]) -> str:
+    """What each pretraining seed gave: yes/no accuracy and pretraining time (from its pretrain.json)."""
+    lines = ["| pretraining seed | yes/no accuracy (training / held-out prompts) | pretraining min |", "|---|---|---|"]
+    for ps in pretrain_seeds:
+        path = next(o.split("=", 1)[1] for o in pretrain_overrides(ps) if o.startswith("model.path="))
+        f = REPO / path / "pretrain.json"
+        if f.exists():
+            rec = json.loads(f.read_text())
+            q = rec["quality"]
+            lines.append(f"| {ps} | {q['answer_accuracy']:.3f} / {q['held_out_answer_accuracy']:.3f} | "
+                         f"{rec['seconds'] / 60:.1f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ SILMM draws: prompts, samples, training order and LoRA initialisation.
     python bench/toy_seeds.py                                 # SILMM and random-score feedback, seeds 0 1 2
     python bench/toy_seeds.py --variants silmm ratio_yes sft --seeds 0
     python bench/toy_seeds.py --pretrain-seeds 0 1 2 --seeds 0  # the spread a new user sees: pretraining too
+    python bench/toy_seeds.py run.iterations=1 --config configs/toy_continuous.yaml --root shards/toyc_bench \
+        --variants silmm kernel_none_euclidean kernel_maxpool_cosine --seeds 0    # continuous ablations
     python bench/toy_seeds.py --report-only                   # tables from runs already on disk
 
 Finished runs are not recomputed (the driver skips done work), so an interrupted benchmark resumes.
@@ -29,6 +31,13 @@ VARIANTS = {
     "random": ["feedback.method=random"],
     "ratio_yes": ["feedback.method=ratio_yes"],
     "sft": ["train.loss=sft"],
+    # the continuous toy (--config configs/toy_continuous.yaml): the paper's ablations in miniature
+    **{f"kernel_{a}_{d}": [f"train.kernel_aggregation={a}", f"train.kernel_distance={d}"]  # Table 3
+       for a in ("none", "avgpool", "maxpool") for d in ("euclidean", "cosine")},
+    **{f"dropdiv_{p}": [f"sampling.dropdiv_placement={p}"] for p in ("first_half", "second_half", "all")},
+    **{f"dropdiv_rate_{r}": [f"sampling.dropdiv_rate={r}"] for r in ("0.05", "0.2", "0.4")},
+    "noisy_queries": ["sampling.diversity=noisy_queries"],
+    **{f"rejected_{a}_{b}": [f"pairs.rejected_ranks=[{a},{b}]"] for a, b in ((11, 20), (16, 25))},  # Table 7
 }
 CATEGORIES = ("color", "numeracy", "spatial")
 
@@ -37,18 +46,20 @@ def run_name(variant: str, seed: int, pretrain_seed: int | None) -> str:
     return f"toy_{variant}_s{seed}" if pretrain_seed is None else f"toy_{variant}_p{pretrain_seed}_s{seed}"
 
 
-def pretrain_overrides(pretrain_seed: int | None) -> list[str]:
+def pretrain_overrides(config: str, pretrain_seed: int | None) -> list[str]:
     """Each pretraining seed gets its own cached toy LMM (seed 0 keeps the config's model.path)."""
     if pretrain_seed is None:
         return []
-    path = ["model.path=checkpoints/toy_lmm" + (f"_p{pretrain_seed}" if pretrain_seed else "")]
-    return [f"toy.pretrain.seed={pretrain_seed}", *path]
+    from omegaconf import OmegaConf
+
+    path = OmegaConf.load(REPO / config).model.path + (f"_p{pretrain_seed}" if pretrain_seed else "")
+    return [f"toy.pretrain.seed={pretrain_seed}", f"model.path={path}"]
 
 
 def run_one(config: str, root: str, variant: str, seed: int, extra: list[str], pretrain_seed: int | None = None) -> float:
     name = run_name(variant, seed, pretrain_seed)
     args = [sys.executable, "-m", "silmm", "run", config, f"run.root={root}", f"run.name={name}", f"run.seed={seed}",
-            *VARIANTS[variant], *pretrain_overrides(pretrain_seed), *extra]
+            *VARIANTS[variant], *pretrain_overrides(config, pretrain_seed), *extra]
     t0 = time.time()
     print(f"$ {' '.join(args[2:])}", flush=True)
     subprocess.run(args, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
@@ -123,7 +134,7 @@ def pretrained_table(config: str, extra: list[str], pretrain_seeds: list[int]) -
     """What each pretraining seed gave: yes/no accuracy and pretraining time (from its pretrain.json)."""
     lines = ["| pretraining seed | yes/no accuracy (training / held-out prompts) | pretraining min |", "|---|---|---|"]
     for ps in pretrain_seeds:
-        path = next(o.split("=", 1)[1] for o in pretrain_overrides(ps) if o.startswith("model.path="))
+        path = next(o.split("=", 1)[1] for o in pretrain_overrides(config, ps) if o.startswith("model.path="))
         f = REPO / path / "pretrain.json"
         if f.exists():
             rec = json.loads(f.read_text())

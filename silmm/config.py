@@ -388,6 +388,26 @@ class ToyPretrainConfig:
 
 
 @dataclass
+class ToyContinuousConfig:
+    """The continuous toy LMM (model.backend: dream; silmm/toy/continuous.py): what toy.pretrain does not size.
+    toy.pretrain's hidden, layers, heads, steps, batch_size, lr and seed apply to it too."""
+
+    num_queries: int = 8  # dream queries: H is [num_queries, toy.pretrain.hidden]
+    cross_attention_dim: int = 64  # the UNet's conditioning width (the projector's output)
+    unet_channels: int = 32  # the UNet's first block (the second has twice as many)
+    vision_hidden: int = 64  # the CLIP vision tower
+    # transformer layers whose output LLaVA reads (the tower has one more: LLaVA reads layer -2); 0: the patch
+    # embeddings themselves, one per cell, as the discrete toy's one code per cell (2 layers answered colour and
+    # count questions 66% right after 3000 steps)
+    vision_layers: int = 0
+    vae_steps: int = 600  # phase 1: the VAE learns the designed cell codes
+    vae_lr: float = 2e-3
+    generate_weight: float = 5.0  # weight of the diffusion loss against the text losses sharing the LLM
+    uncond_p: float = 0.1  # share of emptied prompts in generation batches (classifier-free guidance)
+    answer_pixel_noise: float = 4.0  # std (0-255 scale) of pixel noise on answer images: decoded images are inexact
+
+
+@dataclass
 class BenchmarkConfig:
     """One benchmark of `silmm eval` (silmm/eval/benchmarks/<name>.py), read from a local copy."""
 
@@ -438,6 +458,7 @@ class ToyConfig:
     # what the toy LMM's self-questions ask (silmm/toy/world.py: self_checks); the oracle is the same for both
     question_style: ToyQuestionStyle = ToyQuestionStyle.named
     pretrain: ToyPretrainConfig = field(default_factory=ToyPretrainConfig)
+    continuous: ToyContinuousConfig = field(default_factory=ToyContinuousConfig)  # model.backend: dream
 
 
 @dataclass
@@ -482,7 +503,8 @@ REMOVED_KEYS = {"logging.level": "nothing read it; the log level is the command'
 
 # Keys added after runs existed, with the value that means "as before": at that value a key is left out of
 # the config hash, so older configs keep their hash and their runs stay open.
-HASH_DEFAULTS: dict[str, Any] = {"toy.question_style": "named"}
+HASH_DEFAULTS: dict[str, Any] = {"toy.question_style": "named",
+                                 **{f"toy.continuous.{k}": v for k, v in dataclasses.asdict(ToyContinuousConfig()).items()}}
 
 
 def _drop_removed(tree: DictConfig) -> DictConfig:
@@ -836,8 +858,9 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
         fail("train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
 
     toy, tp = cfg.toy, cfg.toy.pretrain
-    if toy.enabled and cfg.model.backend is not Backend.fusion:
-        fail("model.backend", f"the toy world's LMM is an early-fusion model: use 'fusion', got '{cfg.model.backend.value}'")
+    if toy.enabled and cfg.model.backend not in (Backend.fusion, Backend.dream):
+        fail("model.backend", f"the toy world's LMM is an early-fusion model ('fusion') or, continuous, a "
+             f"DreamLLM-form one ('dream'); got '{cfg.model.backend.value}'")
     if not 0 < toy.held_out_fraction < 1:
         fail("toy.held_out_fraction", f"must be in (0, 1), got {toy.held_out_fraction}")
     for key in ("eval_prompts", "eval_samples", "grid_prompts", "pretrain.steps", "pretrain.lr", "pretrain.hidden",
@@ -850,6 +873,17 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
         fail("toy.pretrain.heads", f"must divide toy.pretrain.hidden ({tp.hidden}) into equal attention heads, "
              f"got {tp.heads}")
     at_least("toy.pretrain.warmup_steps", tp.warmup_steps, 0)  # may exceed steps: configs/toy_smoke.yaml's does
+    tc = toy.continuous
+    for key in ("num_queries", "cross_attention_dim", "unet_channels", "vision_hidden", "vae_lr", "generate_weight"):
+        positive(f"toy.continuous.{key}", getattr(tc, key))
+    at_least("toy.continuous.vae_steps", tc.vae_steps, 0)
+    at_least("toy.continuous.vision_layers", tc.vision_layers, 0)
+    at_least("toy.continuous.answer_pixel_noise", tc.answer_pixel_noise, 0)
+    rate("toy.continuous.uncond_p", tc.uncond_p)
+    if tc.unet_channels % 16:
+        fail("toy.continuous.unet_channels", f"must be a multiple of 16 (its norm groups), got {tc.unet_channels}")
+    if tc.vision_hidden % 4:
+        fail("toy.continuous.vision_hidden", f"must be a multiple of 4 (its heads), got {tc.vision_hidden}")
     rate("toy.pretrain.caption_noise", tp.caption_noise)
     rate("toy.pretrain.distractor_p", tp.distractor_p)
     if not 0 <= tp.seed < 2**63:

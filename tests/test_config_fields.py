@@ -251,6 +251,11 @@ RANGE_CASES = [
     case("toy.pretrain.caption_noise", "1.0", "[0, 1)"), case("toy.pretrain.distractor_p", "1.0", "[0, 1)"),
     case("toy.pretrain.distractor_p", "-0.1", "[0, 1)"), case("toy.pretrain.checkpoint_every", "0", POS),
     case("toy.pretrain.seed", "-1", "[0, 2^63)"), case("toy.pretrain.threads", "-1", ">= 0"),
+    *(case(f"toy.continuous.{k}", "0", POS) for k in ("num_queries", "cross_attention_dim", "unet_channels",
+                                                      "vision_hidden", "vae_lr", "generate_weight")),
+    case("toy.continuous.unet_channels", "24", "multiple of 16"), case("toy.continuous.vision_hidden", "30", "of 4"),
+    case("toy.continuous.vision_layers", "-1", ">= 0"), case("toy.continuous.vae_steps", "-1", ">= 0"),
+    case("toy.continuous.uncond_p", "1.0", "[0, 1)"), case("toy.continuous.answer_pixel_noise", "-1", ">= 0"),
     case("model.backend", ["toy.enabled=true", "sampling.guidance_scale=2"], "early-fusion"),
     case("feedback.judge", ["feedback.judge=base", "feedback.judge_path=."], "would be ignored"),
 ]

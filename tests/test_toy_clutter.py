@@ -78,7 +78,7 @@ def test_total_question_oracle_answers_by_hand(scene, yes):
 
 def test_an_unparseable_cell_counts_as_an_object():
     image = W.render([RED_CIRCLE, BLUE_SQUARE])
-    image[W.CELL + 3, W.CELL + 3] = (1, 2, 3)  # an empty cell that is no longer empty
+    image[W.CELL:2 * W.CELL, W.CELL:2 * W.CELL] = (1, 2, 3)  # an empty cell that no rendering is near
     check = W.parse_question("Are there exactly two objects?")
     assert not check.holds(W.parse(image))
     assert W.parse_question("Are there exactly three objects?").holds(W.parse(image))

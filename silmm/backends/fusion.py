@@ -140,19 +140,23 @@ def text_words(texts: Iterable[str]) -> list[str]:
     return sorted({w.lower() for t in texts for w, _ in split.pre_tokenize_str(t)})
 
 
-def build_word_tokenizer(words: Iterable[str], num_codes: int, spec: FusionSpec | None = None) -> PreTrainedTokenizerFast:
-    """A lowercase word-level tokenizer (unknown words -> <unk>) with <boi>, <eoi> and one token per code.
+def build_word_tokenizer(words: Iterable[str], num_codes: int, spec: FusionSpec | None = None,
+                         extra_special_tokens: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """A lowercase word-level tokenizer (unknown words -> <unk>) with <boi>, <eoi> and one token per code, and
+    ``extra_special_tokens`` (attribute -> token, e.g. a LLaVA processor's ``image_token``) after them.
     Deterministic: the same words give the same ids (specials first, then words sorted)."""
     spec = spec or FusionSpec()
-    specials = ["<unk>", "<s>", "</s>", "<pad>", spec.boi_token, spec.eoi_token]
+    extra = dict(extra_special_tokens or {})
+    specials = ["<unk>", "<s>", "</s>", "<pad>", spec.boi_token, spec.eoi_token, *extra.values()]
     images = [spec.image_token.format(i) for i in range(num_codes)]
     vocab = {t: i for i, t in enumerate(specials + images + sorted(set(words) - set(specials) - set(images)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    named = {"extra_special_tokens": extra} if extra else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", additional_special_tokens=specials[4:] + images,
-                                   padding_side="left")
+                                   padding_side="left", **named)
 
 
 def save_checkpoint(out_dir: str | Path, model, tokenizer, codec: PatchCodec, spec: FusionSpec,

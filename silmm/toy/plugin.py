@@ -41,4 +41,5 @@ def cache_key(cfg) -> dict:
     from silmm.questions import load_examples
     from silmm.toy.pretrain import cache_key as key
 
-    return key(cfg.toy, load_examples(cfg.questions.icl_examples))
+    continuous = getattr(cfg.model.backend, "value", cfg.model.backend) == "dream"
+    return key(cfg.toy, load_examples(cfg.questions.icl_examples), continuous=continuous)

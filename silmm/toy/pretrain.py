@@ -35,17 +35,21 @@ from silmm.seeding import derive_seed
 from silmm.toy import world
 
 KINDS = ("generate", "answer", "questions")
+CONTINUOUS_VERSION = 1  # bump when the continuous toy LMM's architecture or pretraining changes
 WORLD_VERSION = 1  # bump when the world's rendering or grammar changes: invalidates cached models
 
 
-def cache_key(toy: ToyConfig, examples: Sequence[tuple[str, Sequence[str]]]) -> dict:
-    """What a cached pretrained model depends on; stored in its pretrain.json and compared on reuse."""
+def cache_key(toy: ToyConfig, examples: Sequence[tuple[str, Sequence[str]]], continuous: bool = False) -> dict:
+    """What a cached pretrained model depends on; stored in its pretrain.json and compared on reuse.
+    ``continuous``: the dream-form toy LMM (silmm/toy/continuous.py), whose own settings join the key."""
     text = json.dumps([[prompt, *qs] for prompt, qs in examples])
     settings = {k: v for k, v in asdict(toy.pretrain).items() if k != "threads"}  # threads: speed only
     key = {"world_version": WORLD_VERSION, "held_out_fraction": toy.held_out_fraction, "pretrain": settings,
            "question_examples_sha256": hashlib.sha256(text.encode()).hexdigest()}
     if style(toy) != "named":  # absent for the default, so models cached before the key existed stay valid
         key["question_style"] = style(toy)
+    if continuous:
+        key["continuous"] = {"version": CONTINUOUS_VERSION, **asdict(toy.continuous)}
     return key
 
 

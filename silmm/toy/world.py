@@ -96,23 +96,29 @@ def render(scene: list[Obj] | tuple[Obj, ...]) -> np.ndarray:
     return image
 
 
-_CELL_LOOKUP = {render_cell(c, s).tobytes(): (c, s) for c in COLOURS for s in SHAPES}
-_EMPTY = render_cell(None, None).tobytes()
+_CELL_NAMES: list[tuple[str | None, str | None]] = [(None, None)] + [(c, s) for c in COLOURS for s in SHAPES]
+_CELL_PIXELS = np.stack([render_cell(c, s) for c, s in _CELL_NAMES]).reshape(len(_CELL_NAMES), -1).astype(np.int16)
+# A cell is read as the rendering nearest to it when its mean absolute difference (0-255 scale) is at most this:
+# exact renderings (the discrete toy's images) have 0; a decoder's images (the continuous toy's) are close but
+# inexact; a blend of two renderings, or noise, is farther and reads as UNKNOWN.
+PARSE_TOLERANCE = 24.0
 
 
 def parse(image: np.ndarray) -> list[Obj]:
-    """Every non-empty cell as an object; a cell that matches no rendering exactly is UNKNOWN."""
+    """Every non-empty cell as an object: the nearest rendering within PARSE_TOLERANCE, else UNKNOWN."""
     if image.shape != (SIZE, SIZE, 3):
         raise ValueError(f"toy images are {SIZE}x{SIZE}x3, got {image.shape}")
-    image = np.ascontiguousarray(image, dtype=np.uint8)
+    cells = np.ascontiguousarray(image, dtype=np.uint8).reshape(GRID, CELL, GRID, CELL, 3).transpose(0, 2, 1, 3, 4)
+    cells = cells.reshape(GRID * GRID, -1).astype(np.int16)
+    distance = np.abs(cells[:, None, :] - _CELL_PIXELS[None]).mean(-1)  # [cells, renderings]
+    nearest = distance.argmin(-1)
     out = []
-    for r in range(GRID):
-        for c in range(GRID):
-            key = image[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL].tobytes()
-            if key == _EMPTY:
-                continue
-            colour, shape = _CELL_LOOKUP.get(key, (UNKNOWN, UNKNOWN))
-            out.append(Obj(r, c, colour, shape))
+    for k in range(GRID * GRID):
+        d, n = distance[k, nearest[k]], nearest[k]
+        if d <= PARSE_TOLERANCE and n == 0:
+            continue
+        colour, shape = _CELL_NAMES[n] if d <= PARSE_TOLERANCE else (UNKNOWN, UNKNOWN)
+        out.append(Obj(k // GRID, k % GRID, colour, shape))
     return out
 
 

@@ -17,17 +17,15 @@ Run directly: python -m jobs.pretrain --run RUN --iteration 0 --shard 0
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from silmm.backends.dream import save_checkpoint as save_dream_checkpoint
 from silmm.backends.fusion import FusionSpec, save_checkpoint
 from silmm.config import Backend
 from silmm.progress import task_recorder
@@ -99,15 +97,9 @@ def run(run: RunDir, iteration: int, shard: int, stop_after: int | None = None) 
     if corpus.style == "exhaustive":  # the new question alone: is the total counted right?
         quality["total_answer_accuracy"] = PT.answer_accuracy(model, corpus, train_prompts, p.seed, kinds=("total",))
     log.info("pretrained in %.0f s: %s", time.time() - t0, quality)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(tmp, model, tokenizer, world.codec(), FusionSpec())
-    record = {"key": PT.cache_key(toy, examples), "losses": losses, "quality": quality,
-              "seconds": round(time.time() - t0, 1), "parameters": n_params}
-    (tmp / "pretrain.json").write_text(json.dumps(record, indent=1) + "\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(tmp, out)
-    shutil.rmtree(partial, ignore_errors=True)
+    PT.publish(out, partial, lambda tmp: save_checkpoint(tmp, model, tokenizer, world.codec(), FusionSpec()),
+               {"key": PT.cache_key(toy, examples), "losses": losses, "quality": quality,
+                "seconds": round(time.time() - t0, 1), "parameters": n_params})
     log.info("wrote the pretrained toy LMM to %s", out)
     return {"steps": p.steps, **quality}
 
@@ -186,15 +178,10 @@ def run_continuous(run: RunDir, stop_after: int | None = None) -> dict[str, Any]
                    backend, world.eval_prompts(60, toy.held_out_fraction, seed=99), PT.style(toy), p.seed),
                "vae_cell_accuracy": TC.vae_cell_accuracy(vae, p.seed)}
     log.info("pretrained in %.0f s: %s", time.time() - t0, quality)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    TC.save_checkpoint(tmp, processor, lmm, head, head_cfg, unet, vae, scheduler)
-    info = {"key": PT.cache_key(toy, examples, continuous=True), "losses": losses, "quality": quality,
-            "seconds": round(time.time() - t0, 1)}
-    (tmp / "pretrain.json").write_text(json.dumps(info, indent=1) + "\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(tmp, out)
-    shutil.rmtree(partial, ignore_errors=True)
+    PT.publish(out, partial, lambda tmp: save_dream_checkpoint(tmp, processor, lmm, head, head_cfg, unet, vae,
+                                                               scheduler),
+               {"key": PT.cache_key(toy, examples, continuous=True), "losses": losses, "quality": quality,
+                "seconds": round(time.time() - t0, 1)})
     log.info("wrote the pretrained continuous toy LMM to %s", out)
     return {"steps": total, **quality}
 

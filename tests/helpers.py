@@ -102,3 +102,29 @@ def mark_model_done(model_dir: Path) -> None:
     from silmm.rundir import MODEL_DONE
 
     (model_dir / MODEL_DONE).write_text(json.dumps({"files": file_manifest(model_dir)}))
+
+
+def check_toy_evaluations(run: RunDir, iterations: tuple[int, ...] = (0, 1)) -> None:
+    """The toy evaluations of a finished run: every held-out prompt scored for each image, the means
+    recomputable, and the stored images of the last iteration rescored to the recorded oracle numbers."""
+    import json
+
+    import numpy as np
+    import pytest
+
+    from silmm.toy import world
+
+    toy = run.config.toy
+    for iteration in iterations:
+        ev = json.loads((run.path / "eval" / f"iter_{iteration:02d}.json").read_text())
+        assert ev["iteration"] == iteration and len(ev["results"]) == toy.eval_prompts
+        for r in ev["results"]:  # evaluation prompts are held out, and the oracle's numbers are recomputable
+            assert world.is_held_out(r["prompt"], toy.held_out_fraction)
+            assert len(r["oracle"]) == len(r["self_score"]) == toy.eval_samples
+        assert ev["overall"] == pytest.approx(np.mean([x for r in ev["results"] for x in r["oracle"]]))
+    last = iterations[-1]
+    with np.load(run.path / "eval" / f"iter_{last:02d}_images.npz", allow_pickle=False) as data:
+        ev = json.loads((run.path / "eval" / f"iter_{last:02d}.json").read_text())
+        for prompt, images in zip(data["prompts"], data["images"], strict=True):
+            stored = next(r for r in ev["results"] if r["prompt"] == prompt)
+            assert [world.score(str(prompt), im).overall for im in images] == stored["oracle"]

@@ -24,6 +24,7 @@ from silmm.images import from_png
 from silmm.rundir import SHARD_STAGES, RunDir
 from silmm.store import read_shard
 from silmm.toy import world
+from tests.helpers import check_toy_evaluations
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "toy_smoke.yaml"
@@ -117,18 +118,7 @@ def test_toy_smoke_run_writes_valid_shards_evaluations_and_report(tmp_path):
     read_shard(run.pairs_path(1), "pairs", run.config_hash, 1, verify_checksums=True)
     assert (run.model_dir(1) / "DONE").is_file()
 
-    for iteration in (0, 1):
-        ev = json.loads((run.path / "eval" / f"iter_{iteration:02d}.json").read_text())
-        assert ev["iteration"] == iteration and len(ev["results"]) == cfg.toy.eval_prompts
-        for r in ev["results"]:  # evaluation prompts are held out, and the oracle's numbers are recomputable
-            assert world.is_held_out(r["prompt"], cfg.toy.held_out_fraction)
-            assert len(r["oracle"]) == len(r["self_score"]) == cfg.toy.eval_samples
-        assert ev["overall"] == pytest.approx(np.mean([x for r in ev["results"] for x in r["oracle"]]))
-    with np.load(run.path / "eval" / "iter_01_images.npz", allow_pickle=False) as data:
-        ev = json.loads((run.path / "eval" / "iter_01.json").read_text())
-        for prompt, images in zip(data["prompts"], data["images"], strict=True):
-            stored = next(r for r in ev["results"] if r["prompt"] == prompt)
-            assert [world.score(str(prompt), im).overall for im in images] == stored["oracle"]
+    check_toy_evaluations(run)
 
     for iteration in (0, 1):  # the eval stage's toy benchmark (oracle) agrees exactly with the toy evaluation
         res = read_results(results_path(run.path, "toy", iteration))

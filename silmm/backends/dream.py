@@ -569,6 +569,13 @@ def build_tiny_dream(out_dir: str | Path, seed: int = 0, image_size: int = 32, n
                                    cross_attention_dim=unet.config.cross_attention_dim)
         head = DreamHead(head_cfg)
         nn.init.normal_(head.queries, std=0.02)  # like token embeddings
+    return save_checkpoint(out, processor, lmm, head, head_cfg, unet, vae, scheduler)
+
+
+def save_checkpoint(out_dir: str | Path, processor, lmm: nn.Module, head: DreamHead, head_cfg: DreamHeadConfig,
+                    unet: nn.Module, vae: nn.Module, scheduler) -> Path:
+    """Modules in memory -> the layout :meth:`DreamBackend.load` reads (builders and pretraining write this)."""
+    out = Path(out_dir)
     lmm.save_pretrained(str(out / LMM_DIR))
     processor.save_pretrained(str(out / LMM_DIR))
     unet.save_pretrained(str(out / DECODER_DIR / "unet"), safe_serialization=True)

@@ -303,7 +303,7 @@ def autoencoder_loss(vae, size: int, seed: int, step: int) -> torch.Tensor:
     return nn.functional.mse_loss(decoded, pixels) + nn.functional.mse_loss(encoded, latents)
 
 
-# ----------------------------------------------------------------------------------- quality, export
+# ------------------------------------------------------------------------------------------ quality
 @torch.no_grad()
 def answer_accuracy(backend: DreamBackend, prompts: Sequence[str], style: str, seed: int, batch: int = 32) -> float:
     """Accuracy of the backend's own yes/no answers (the scores stage's path: p(yes) > p(no)) about fresh
@@ -339,17 +339,3 @@ def vae_cell_accuracy(vae, seed: int, scenes: int = 64) -> float:
         right += sum(want.get(cell) == got.get(cell) for cell in np.ndindex(world.GRID, world.GRID))
     return right / (scenes * world.GRID * world.GRID)
 
-
-def save_checkpoint(out, processor, lmm, head: DreamHead, head_cfg: DreamHeadConfig, unet, vae, scheduler) -> None:
-    """The dream backend's layout (lmm/, decoder/{unet,vae,scheduler}/, dream_head/)."""
-    from pathlib import Path
-
-    from silmm.backends.dream import DECODER_DIR, HEAD_DIR, LMM_DIR
-
-    out = Path(out)
-    lmm.save_pretrained(str(out / LMM_DIR))
-    processor.save_pretrained(str(out / LMM_DIR))
-    unet.save_pretrained(str(out / DECODER_DIR / "unet"), safe_serialization=True)
-    vae.save_pretrained(str(out / DECODER_DIR / "vae"), safe_serialization=True)
-    scheduler.save_pretrained(str(out / DECODER_DIR / "scheduler"))
-    head.save(out / HEAD_DIR, head_cfg)

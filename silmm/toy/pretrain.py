@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -188,6 +188,21 @@ def save_progress(partial: Path, model: torch.nn.Module, optimizer: torch.optim.
         import shutil
 
         shutil.rmtree(old)
+
+
+def publish(out: Path, partial: Path, write: Callable[[Path], None], record: dict) -> None:
+    """``write`` the finished model into a temporary sibling of ``out``, add ``record`` as pretrain.json, and
+    swap it in whole (a path that exists is a complete cache); the progress directory is then removed."""
+    import os
+    import shutil
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    (tmp / "pretrain.json").write_text(json.dumps(record, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(tmp, out)
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def load_progress(partial: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:

@@ -157,28 +157,26 @@ def test_parse_rejects_wrong_shape():
 
 
 @FAST
-@given(scene=scenes(min_objects=1), data=st.data())
-def test_one_changed_pixel_makes_the_cell_unknown(scene, data):
-    k = data.draw(st.integers(0, len(scene) - 1))
+@given(scene=scenes(max_objects=15), data=st.data())
+def test_one_changed_pixel_reads_as_the_same_cell(scene, data):
+    """A decoder's small error (here one value of one pixel, any amount) stays within world.PARSE_TOLERANCE."""
+    r, c = data.draw(st.integers(0, W.GRID - 1)), data.draw(st.integers(0, W.GRID - 1))
     y, x, ch = data.draw(st.integers(0, W.CELL - 1)), data.draw(st.integers(0, W.CELL - 1)), data.draw(st.integers(0, 2))
     image = W.render(scene)
-    o = scene[k]
-    old = int(image[o.row * W.CELL + y, o.col * W.CELL + x, ch])
-    new = data.draw(st.integers(0, 255).filter(lambda v: v != old))
-    image[o.row * W.CELL + y, o.col * W.CELL + x, ch] = new
-    expected = sorted([p for p in scene if p is not o] + [Obj(o.row, o.col, W.UNKNOWN, W.UNKNOWN)])
-    assert W.parse(image) == expected
+    image[r * W.CELL + y, c * W.CELL + x, ch] = data.draw(st.integers(0, 255))
+    assert W.parse(image) == sorted(scene)
 
 
 @FAST
 @given(scene=scenes(max_objects=15), data=st.data())
-def test_one_changed_pixel_in_an_empty_cell_is_an_unknown_object(scene, data):
-    free = sorted({(r, c) for r in range(W.GRID) for c in range(W.GRID)} - {(o.row, o.col) for o in scene})
-    r, c = data.draw(st.sampled_from(free))
-    y, x, ch = data.draw(st.integers(0, W.CELL - 1)), data.draw(st.integers(0, W.CELL - 1)), data.draw(st.integers(0, 2))
+def test_a_cell_far_from_every_rendering_is_an_unknown_object(scene, data):
+    """A cell painted one dark grey (at least 44% of every rendering is white background) is nearer to no
+    rendering than PARSE_TOLERANCE, whether it held an object or was empty."""
+    r, c = data.draw(st.integers(0, W.GRID - 1)), data.draw(st.integers(0, W.GRID - 1))
     image = W.render(scene)
-    image[r * W.CELL + y, c * W.CELL + x, ch] = data.draw(st.integers(0, 254))
-    assert W.parse(image) == sorted(scene + [Obj(r, c, W.UNKNOWN, W.UNKNOWN)])
+    image[r * W.CELL:(r + 1) * W.CELL, c * W.CELL:(c + 1) * W.CELL] = data.draw(st.integers(0, 150))
+    kept = [o for o in scene if (o.row, o.col) != (r, c)]
+    assert W.parse(image) == sorted(kept + [Obj(r, c, W.UNKNOWN, W.UNKNOWN)])
 
 
 # ----------------------------------------------------------------------------------------- codec
@@ -401,7 +399,7 @@ def test_sub_scores_by_hand():
     assert s.as_dict() == {"color": None, "shape": 1.0, "count": None, "spatial": 1.0, "overall": 1.0}
     # an unknown (corrupted) cell matches nothing
     image = W.render([Obj(0, 0, "red", "circle")])
-    image[4, 4] = (0, 0, 0)
+    image[:W.CELL, :W.CELL] = (0, 0, 0)
     assert W.score("A red circle", image).as_dict() == {"color": 0.0, "shape": 0.0, "count": None,
                                                         "spatial": None, "overall": 0.0}
 
@@ -634,7 +632,7 @@ def test_nothing_extra_and_strict_by_hand():
     assert W.nothing_extra("Two squares and three circles", W.render(
         [Obj(0, i, "red", "square") for i in range(2)] + [Obj(2, i, "red", "circle") for i in range(3)]))
     corrupt = W.render(both)
-    corrupt[20, 20] = (1, 2, 3)  # an unparseable cell is an extra object too
+    corrupt[16:24, 16:24] = (1, 2, 3)  # an unparseable cell is an extra object too
     assert not W.nothing_extra(prompt, corrupt)
     results = [_result([1.0, 1.0], [0.0, 0.1]), _result([1.0, 0.0], [0.2, 0.1])]
     for r, strict in zip(results, ([1.0, 0.0], [0.0, 0.0]), strict=True):

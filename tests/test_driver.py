@@ -100,7 +100,7 @@ def test_cancel_stops_the_driver_and_its_local_jobs(tiny_checkpoints, tmp_path):
     root = os.path.dirname(os.path.dirname(__file__))
     args = [f"run.root={tmp_path}", "run.name=c", f"model.path={tiny_checkpoints('dream')}", "model.backend=dream",
             "prompts.count=64", "sharding.prompts_per_shard=64", "sampling.samples_per_prompt=8",
-            "sampling.decoder_steps=20", "executor.poll_interval_s=0.2"]
+            "sampling.decoder_steps=200", "executor.poll_interval_s=0.2"]  # a samples task far longer than a cancel
     driver = subprocess.Popen([sys.executable, "-m", "silmm", "run", "configs/tiny_dream.yaml", *args], cwd=root,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     book = tmp_path / "c" / "jobs.json"

@@ -10,7 +10,8 @@ Writes  eval/<benchmark>/iter_KK/shard_NNNNN.h5 (stage "eval", schema in shards/
         another eval hash is not done, and is redone
 The story: plan the shard (which prompts, N images each), check every prompt against the model's real
 context (an overlong one is an error naming its benchmark id, unless overlong=truncate), then, group by group
-(as many prompts as fill one batch of images), draw and decode the images with seeds fixed per (run seed,
+(as many prompts as fill one batch of images), draw the images with the model's own generation (a continuous
+model without DropDiv, as the paper evaluates) and decode them with seeds fixed per (run seed,
 benchmark, benchmark id, image index) -- the same for every iteration -- score them, and add the rows to the
 resumable writer. A killed task resumes after the last flushed group and writes what an uninterrupted one
 writes. A finished shard of the same images under another scorer is re-scored from its stored images, not
@@ -67,7 +68,7 @@ def run(run: RunDir, iteration: int, shard: int, benchmark: str) -> dict[str, An
                           for png in stored[p.id]]
             for b in range(0, len(jobs) if not images else 0, cfg.eval.batch_size):
                 batch = slice(b, b + cfg.eval.batch_size)
-                z = backend.sample([model_text[k] for k, _, _ in jobs[batch]], [s for s, _ in seeds[batch]])
+                z = backend.generate([model_text[k] for k, _, _ in jobs[batch]], [s for s, _ in seeds[batch]])
                 images.extend(backend.decode(z, [d for _, d in seeds[batch]]))
             per_prompt = [np.stack(images[i * n:(i + 1) * n]) for i in range(len(group))]
             answers = scorer.score([p for _, p in group], per_prompt)

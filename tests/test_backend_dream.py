@@ -194,6 +194,17 @@ def test_noisy_queries(ckpt: Path) -> None:
     assert torch.equal(b.sample(PROMPTS, [1, 2, 3]), deterministic)
 
 
+@pytest.mark.parametrize("diversity", [Diversity.dropdiv, Diversity.noisy_queries])
+def test_generate_draws_without_the_training_diversity(ckpt: Path, diversity: Diversity) -> None:
+    """Evaluation's draws: the plain features whatever the seeds, while ``sample`` varies with them."""
+    b = load(ckpt, diversity=diversity, dropdiv_rate=0.3, query_noise_std=0.5)
+    plain = b.features(PROMPTS).detach()
+    assert torch.equal(b.generate(PROMPTS, [1, 2, 3]), plain)
+    assert torch.equal(b.generate(PROMPTS, [4, 5, 6]), plain)
+    assert not torch.allclose(b.sample(PROMPTS, [1, 2, 3]), plain)
+    assert not b.generate(PROMPTS, [1, 2, 3]).requires_grad
+
+
 # ---------------------------------------------------------------------------------------- decode
 def test_decode_deterministic(backend: DreamBackend) -> None:
     features = backend.sample(PROMPTS, [1, 2, 3])

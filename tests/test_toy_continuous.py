@@ -21,6 +21,7 @@ from silmm.driver import run_driver
 from silmm.images import from_png
 from silmm.questions import load_examples
 from silmm.rundir import SHARD_STAGES, RunDir
+from silmm.seeding import derive_seed
 from silmm.store import read_shard
 from silmm.toy import continuous as TC
 from silmm.toy import world
@@ -254,3 +255,23 @@ def test_continuous_smoke_run_writes_valid_shards_evaluations_and_report(tmp_pat
     assert (run.model_dir(1) / "DONE").is_file()
     check_toy_evaluations(run)
     assert (run.path / "report" / "report.md").is_file()
+    check_evaluation_draws_without_dropdiv(run)
+
+
+def check_evaluation_draws_without_dropdiv(run: RunDir) -> None:
+    """Iteration 0's stored evaluation images are the pretrained model's plain features decoded with the
+    evaluation's seeds (its first batch, recomputed here): the paper evaluates without DropDiv."""
+    cfg, toy = run.config, run.config.toy
+    backend = DreamBackend.load(cfg.model, cfg.sampling)
+    prompts = world.eval_prompts(toy.eval_prompts, toy.held_out_fraction)
+    flat = [(i, j) for i in range(len(prompts)) for j in range(toy.eval_samples)][:cfg.sampling.batch_size]
+    texts = [prompts[i] for i, _ in flat]
+    seeds = [derive_seed(cfg.run.seed, 0, i, j, "toy-eval") for i, j in flat]
+    plain = backend.decode(backend.features(texts).float(), seeds)
+    dropdiv = backend.decode(backend.sample(texts, seeds), seeds)
+    with np.load(run.path / "eval" / "iter_00_images.npz", allow_pickle=False) as data:
+        stored = data["images"].reshape(-1, *data["images"].shape[2:])
+    shown = min(len(stored), len(flat))
+    assert shown >= 4
+    np.testing.assert_array_equal(stored[:shown], plain[:shown])
+    assert not np.array_equal(stored[:shown], dropdiv[:shown])  # the check can tell the two apart

@@ -112,6 +112,13 @@ class LMMBackend(ABC):
     def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """One visual sample per (prompt, seed): tokens [B, T] int64 or features [B, L, D] float32 (CPU)."""
 
+    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """What the model draws when it is used rather than trained: the samples evaluation decodes. For a
+        discrete backend that is ``sample`` (nucleus sampling is its generation). A continuous backend
+        overrides it to draw H without the training-time diversity (DropDiv, noisy queries), as the paper
+        evaluates DreamLLM: its images then differ by the decoder's noise alone."""
+        return self.sample(prompts, seeds)
+
     @abstractmethod
     def decode(self, samples: torch.Tensor, seeds: list[int]) -> np.ndarray:
         """Samples -> images, uint8 [B, H, W, 3]. Seeds drive any decoder noise (diffusion)."""

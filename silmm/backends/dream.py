@@ -320,6 +320,10 @@ class DreamBackend(LMMBackend):
             features = self._dream_forward(prompts, dropout=(s.dropdiv_rate, generators))
         return features.float().cpu()
 
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        return self.features(prompts).cpu()  # the seeds drive the decoder's noise only (decode)
+
     # ------------------------------------------------------------------------------------ decoding
     @torch.no_grad()
     def decode(self, samples: torch.Tensor, seeds: list[int]) -> np.ndarray:

@@ -231,7 +231,9 @@ class EvalPlan:
         return {"benchmark": self.name, "scorer": s.scorer, "images_per_prompt": self.images_per_prompt,
                 "max_prompts": s.max_prompts, "overlong": s.overlong.value,
                 "prompts_per_shard": self.prompts_per_shard, "batch_size": self.run.config.eval.batch_size,
-                "flush_every": self.flush_every()}
+                "flush_every": self.flush_every(),
+                # continuous models are drawn without DropDiv since this key exists: older shards are redone
+                **({} if self.run.config.discrete else {"continuous_draws": "generate"})}
 
     def images_hash(self) -> str:
         """What the images depend on: the eval hash without the scorer. A shard whose images hash matches

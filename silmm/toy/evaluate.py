@@ -1,7 +1,8 @@
 """Oracle evaluation of a toy LMM on held-out prompts, and how well its self-feedback agrees with the oracle.
 
-For each held-out prompt the model draws `eval_samples` images (seeds fixed across iterations, so
-iterations are compared on the same noise), the exact oracle scores them, and the model scores them
+For each held-out prompt the model draws `eval_samples` images with its own generation (``generate``: a
+continuous model without DropDiv; seeds fixed across iterations, so iterations are compared on the same
+noise), the exact oracle scores them, and the model scores them
 itself the SILMM way: it writes questions for the prompt, answers them about each image, and averages
 p(yes) - p(no). Agreement = how often the self-score orders two images of one prompt as the oracle does
 (the only thing pair selection uses), plus the mean per-prompt Spearman correlation.
@@ -53,7 +54,7 @@ def evaluate_prompts(backend, prompts: Sequence[str], samples: int, run_seed: in
     for start in range(0, len(flat), batch_size):
         chunk = flat[start:start + batch_size]
         seeds = [derive_seed(run_seed, 0, i, j, "toy-eval") for i, j in chunk]
-        tokens = backend.sample([prompts[i] for i, _ in chunk], seeds)
+        tokens = backend.generate([prompts[i] for i, _ in chunk], seeds)
         for (i, j), image in zip(chunk, backend.decode(tokens, seeds), strict=True):
             images[i, j] = image
     written: list[str] = []

@@ -126,6 +126,7 @@ def run_continuous(run: RunDir, stop_after: int | None = None) -> dict[str, Any]
     optimizer = torch.optim.AdamW([{"params": list(vae.parameters()), "lr": c.vae_lr}, {"params": main, "lr": p.lr}],
                                   betas=(0.9, 0.98), weight_decay=0.01)
     start = PT.load_progress(partial, modules, optimizer)
+    vae.requires_grad_(start < c.vae_steps)  # phase 2 keeps the VAE as phase 1 left it, resumed or not
     corpus = TC.Corpus(processor, toy, examples, PT.style(toy))
     yes, no = processor.tokenizer.convert_tokens_to_ids(["yes", "no"])
     total = c.vae_steps + p.steps

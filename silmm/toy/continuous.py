@@ -138,9 +138,8 @@ def backend_of(processor, lmm, head, head_cfg, unet, vae, scheduler, path, sampl
     reads images exactly as the SILMM stages will."""
     from silmm.config import Backend
 
-    backend = DreamBackend(ModelConfig(backend=Backend.dream, path=str(path), device="cpu"),
-                           sampling or SamplingConfig(), path, lmm, processor, head, head_cfg, unet, vae, scheduler)
-    return backend
+    return DreamBackend(ModelConfig(backend=Backend.dream, path=str(path), device="cpu"),
+                        sampling or SamplingConfig(), path, lmm, processor, head, head_cfg, unet, vae, scheduler)
 
 
 # ------------------------------------------------------------------------------------------ corpus

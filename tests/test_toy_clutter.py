@@ -239,7 +239,7 @@ def test_evaluation_counts_the_styles_decomposition_as_exact():
     prompts = ["A red circle", "Three green circles"]
 
     class Writer:  # writes the exhaustive decomposition, draws one fitting scene, answers nothing in particular
-        def sample(self, texts, seeds):
+        def generate(self, texts, seeds):
             return texts
 
         def decode(self, texts, seeds):

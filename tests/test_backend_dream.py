@@ -203,6 +203,8 @@ def test_generate_draws_without_the_training_diversity(ckpt: Path, diversity: Di
     assert torch.equal(b.generate(PROMPTS, [4, 5, 6]), plain)
     assert not torch.allclose(b.sample(PROMPTS, [1, 2, 3]), plain)
     assert not b.generate(PROMPTS, [1, 2, 3]).requires_grad
+    repeated = [PROMPTS[1], PROMPTS[0], PROMPTS[1]]  # one forward per distinct prompt, rows in input order
+    torch.testing.assert_close(b.generate(repeated, [1, 2, 3]), plain[[1, 0, 1]], atol=ATOL, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------- decode

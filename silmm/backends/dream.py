@@ -322,7 +322,11 @@ class DreamBackend(LMMBackend):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        return self.features(prompts).cpu()  # the seeds drive the decoder's noise only (decode)
+        # H is deterministic: one forward per distinct prompt (evaluation draws several images of each);
+        # the seeds drive the decoder's noise only (decode)
+        distinct = list(dict.fromkeys(prompts))
+        row = {p: i for i, p in enumerate(distinct)}
+        return self.features(distinct).cpu()[[row[p] for p in prompts]]
 
     # ------------------------------------------------------------------------------------ decoding
     @torch.no_grad()

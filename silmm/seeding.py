@@ -17,6 +17,12 @@ def derive_seed(run_seed: int, iteration: int, prompt_id: int, sample_index: int
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
 
 
+def decode_seed(run_seed: int, iteration: int, prompt_id: int, sample_index: int, per_prompt: bool) -> int:
+    """The decoder's noise seed of a training sample (samples stage; the scores stage re-decodes with it).
+    ``per_prompt`` (sampling.decoder_noise): every sample of a prompt starts from the same noise."""
+    return derive_seed(run_seed, iteration, prompt_id, 0 if per_prompt else sample_index, "decode")
+
+
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)

@@ -256,6 +256,7 @@ RANGE_CASES = [
     case("toy.continuous.unet_channels", "24", "multiple of 16"), case("toy.continuous.vision_hidden", "30", "of 4"),
     case("toy.continuous.vision_layers", "-1", ">= 0"), case("toy.continuous.vae_steps", "-1", ">= 0"),
     case("toy.continuous.uncond_p", "1.0", "[0, 1)"), case("toy.continuous.answer_pixel_noise", "-1", ">= 0"),
+    case("toy.continuous.caption_noise", "1.0", "[0, 1)"), case("toy.continuous.caption_noise", "-0.1", "[0, 1)"),
     case("model.backend", ["toy.enabled=true", "sampling.guidance_scale=2"], "early-fusion"),
     case("feedback.judge", ["feedback.judge=base", "feedback.judge_path=."], "would be ignored"),
 ]

@@ -275,6 +275,29 @@ def test_prompt_files_and_best_worst_images_through_the_stages(tiny_checkpoints,
             assert np.array_equal(from_png(scores["image_png"][r]), again[r - start])
 
 
+@pytest.mark.parametrize("store", ["all", "best_worst"])
+def test_decoder_noise_per_prompt_decodes_every_sample_of_a_prompt_from_one_noise(tiny_checkpoints, tmp_path, store):
+    """sampling.decoder_noise=per_prompt: every sample of a prompt is decoded from sample 0's decode seed,
+    by the samples stage (store_images=all) and by scoring, which decodes the stored features again when the
+    samples keep no images (best_worst): the images equal that decode, not the per-sample one."""
+    run = tiny_run(tmp_path, tiny_checkpoints("dream"), "dream", "sampling.decoder_noise=per_prompt",
+                   f"sampling.store_images={store}")
+    for stage in STAGES:
+        run_task(StageTask(str(run.path), 1, stage, 0))
+    samples, scores = read(run, "samples", 0), read(run, "scores", 0)
+    model = load_backend(run, 1)
+    n = run.config.sampling.samples_per_prompt
+    pid = int(samples["prompt_id"][0])
+    features = torch.from_numpy(samples["features"][:n].astype(np.float32))
+    shared = model.decode(features, [derive_seed(0, 1, pid, 0, "decode")] * n)
+    own = model.decode(features, [derive_seed(0, 1, pid, j, "decode") for j in range(n)])
+    pngs = samples["image_png"] if store == "all" else scores["image_png"]
+    kept = [r for r in range(n) if len(pngs[r])]
+    assert len(kept) == (n if store == "all" else 2)
+    assert all(np.array_equal(from_png(pngs[r]), shared[r]) for r in kept)
+    assert any(not np.array_equal(shared[r], own[r]) for r in kept)
+
+
 @pytest.mark.parametrize("judge", ["policy", "base", "path"])
 def test_judge_base_keeps_iteration_zeros_questions_and_answers(tiny_checkpoints, tmp_path, judge):
     # iteration 2 starts from a model that differs from model.path (here: another random init); "path": a

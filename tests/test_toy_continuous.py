@@ -129,6 +129,37 @@ def test_caption_rows_name_every_object_of_their_image(tiny):
         assert phrases == [world.Phrase(o.shape, o.colour).with_article() for o in objects]
 
 
+def _cells_of(latent: torch.Tensor) -> dict[tuple[int, int], tuple[str, str]]:
+    """The (colour, shape) of every non-empty cell of a designed latent (exact codes)."""
+    codes = {TC.cell_code(c, s).tobytes(): (c, s) for c in world.COLOURS for s in world.SHAPES}
+    flat = latent.numpy().transpose(1, 2, 0)
+    empty = TC.cell_code(None, None)
+    return {(r, c): codes[flat[r, c].tobytes()] for r in range(world.GRID) for c in range(world.GRID)
+            if not np.array_equal(flat[r, c], empty)}
+
+
+@pytest.mark.parametrize("layout", ["canonical", "random"])
+def test_generation_rows_place_objects_as_the_layout_says(tiny, layout):
+    """Generation examples (no caption noise, no distractors) meet their prompt, and with layout canonical
+    fill exactly the cells world.canonical_cells names, whatever the step; random layouts vary them."""
+    cfg, examples, processor, *_ = tiny
+    toy = C.ToyConfig(**{**vars(cfg.toy)})
+    toy.continuous = C.ToyContinuousConfig(layout=layout, caption_noise=0.0, uncond_p=0.0)
+    toy.pretrain = C.ToyPretrainConfig(distractor_p=0.0)
+    corpus = TC.Corpus(processor, toy, examples, "named")
+    at_canonical_cells = []
+    for step in range(4):
+        prompts, latents = corpus.generate(16, seed=0, step=step)
+        for prompt, latent in zip(prompts, latents, strict=True):
+            spec = world.parse_prompt(prompt)
+            cells = _cells_of(latent)
+            scene = [world.Obj(r, c, *cells[r, c]) for r, c in sorted(cells)]
+            assert world.score(spec, world.render(scene)).overall == 1.0, prompt
+            want = world.canonical_cells(spec)[::-1][:sum(p.count for p in spec.phrases)]
+            at_canonical_cells.append(set(cells) == set(want))
+    assert all(at_canonical_cells) if layout == "canonical" else sum(at_canonical_cells) < 8
+
+
 def test_continuous_pretraining_resumed_equals_uninterrupted(tmp_path):
     whole = RunDir.create_or_open(smoke_config(tmp_path, "a", tmp_path / "lmm_a", *TINY_PRETRAIN))
     jobs.pretrain.run(whole, 0, 0)
@@ -162,6 +193,7 @@ def test_discrete_toy_config_hashes_are_unchanged():
     stay open); a value that differs is in it."""
     toy = C.load(REPO / "configs" / "toy.yaml", [])
     assert not [k for k in C.result_keys(toy) if k.startswith("toy.continuous.")]
+    assert "sampling.decoder_noise" not in C.result_keys(toy)  # added later, like toy.continuous
     changed = C.load(REPO / "configs" / "toy.yaml", ["toy.continuous.num_queries=4"])
     assert C.result_keys(changed)["toy.continuous.num_queries"] == 4
     assert C.config_hash(changed) != C.config_hash(toy)

@@ -342,6 +342,36 @@ def test_oracle_accepts_scene_for_and_rejects_near_miss(seed, category):
 
 
 @FAST
+@given(seed=st.integers(0, 2**32 - 1), category=st.sampled_from(W.CATEGORIES))
+def test_canonical_layout_fixes_the_cells_and_still_meets_or_misses(seed, category):
+    """layout "canonical": the named objects fill the same cells whatever the random draws (reading order from
+    the top left; a relation's pair mid-grid), distractors fill from the bottom right, and the oracle reads
+    scene_for as meeting the prompt and near_miss as missing it."""
+    rng = random.Random(seed)
+    spec = W.random_spec(category, rng)
+    named = sum(p.count for p in spec.phrases)
+    scenes_ = [W.scene_for(spec, random.Random(seed + k), layout="canonical") for k in range(3)]
+    cells = [{(o.row, o.col) for o in s} for s in scenes_]
+    assert cells[0] == cells[1] == cells[2] and len(cells[0]) == named
+    if spec.relation:
+        assert cells[0] == set(W.RELATION_CELLS[spec.relation])
+    else:
+        assert cells[0] == {(k // W.GRID, k % W.GRID) for k in range(named)}
+    assert all(W.score(spec, W.render(s)).overall == 1.0 for s in scenes_)
+    cluttered = W.scene_for(spec, rng, distractors=2, layout="canonical")
+    extra = {(o.row, o.col) for o in cluttered} - cells[0]
+    if {p.shape for p in spec.phrases} != set(W.SHAPES):  # else no shape is free for a distractor
+        assert extra == {(3, 3), (3, 2)}
+    assert W.score(spec, W.render(cluttered)).overall == 1.0
+    assert W.score(spec, W.render(W.near_miss(spec, rng, layout="canonical"))).overall == 0.0
+
+
+def test_unknown_layout_is_refused():
+    with pytest.raises(ValueError, match="unknown toy layout 'grid'"):
+        W.scene_for(W.parse_prompt("a red circle"), random.Random(0), layout="grid")
+
+
+@FAST
 @given(seed=st.integers(0, 2**32 - 1), category=st.sampled_from(W.CATEGORIES), scene=scenes(max_objects=8))
 def test_oracle_matches_an_independent_evaluator_on_random_scenes(seed, category, scene):
     spec = W.random_spec(category, random.Random(seed))

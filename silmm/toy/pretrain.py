@@ -35,7 +35,7 @@ from silmm.seeding import derive_seed
 from silmm.toy import world
 
 KINDS = ("generate", "answer", "questions")
-CONTINUOUS_VERSION = 1  # bump when the continuous toy LMM's architecture or pretraining changes
+CONTINUOUS_VERSION = 2  # bump when the continuous toy LMM's architecture or pretraining changes
 WORLD_VERSION = 1  # bump when the world's rendering or grammar changes: invalidates cached models
 
 

@@ -47,6 +47,7 @@ TOTALS = NUMBERS + ("five", "six", "seven", "eight")  # question counts: a promp
 ANY = "object"  # the shape of a phrase every object matches (unparseable cells too): "two objects"
 # words the style's questions use beyond VOCAB_TEXT (the named style's tokenizer must stay as it was)
 STYLE_WORDS = {"named": "", "exhaustive": "exactly object objects " + " ".join(TOTALS[len(NUMBERS):])}
+LAYOUTS = ("random", "canonical")  # where scene_for puts objects
 UNKNOWN = "unknown"  # a cell that is neither empty nor an exact rendered object
 
 
@@ -420,11 +421,30 @@ def _cells(rng: random.Random) -> list[tuple[int, int]]:
     return cells
 
 
-def scene_for(spec: Spec, rng: random.Random, distractors: int = 0) -> list[Obj]:
-    """A random scene that satisfies the spec, with up to `distractors` objects of shapes the prompt does
-    not mention (so they cannot change any check)."""
+# Where layout "canonical" puts the two objects of a spatial prompt: side by side or stacked, mid-grid.
+RELATION_CELLS = {"on the left of": ((1, 1), (1, 2)), "on the right of": ((1, 2), (1, 1)),
+                  "above": ((1, 1), (2, 1)), "below": ((2, 1), (1, 1))}
+
+
+def canonical_cells(spec: Spec) -> list[tuple[int, int]]:
+    """Cells in the order layout "canonical" fills them (popped from the end, as :func:`_cells`'s are): the
+    named objects in reading order from the top left (a spatial prompt's two at RELATION_CELLS), then
+    distractors from the bottom right back."""
+    named = list(RELATION_CELLS[spec.relation]) if spec.relation else []
+    rest = [(r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in named]
+    need = sum(p.count for p in spec.phrases) - len(named)
+    order = named + rest[:need] + rest[need:][::-1]
+    return order[::-1]
+
+
+def scene_for(spec: Spec, rng: random.Random, distractors: int = 0, layout: str = "random") -> list[Obj]:
+    """A scene that satisfies the spec, with up to `distractors` objects of shapes the prompt does not mention
+    (so they cannot change any check). layout "random": objects in random cells; "canonical": in fixed cells
+    (:func:`canonical_cells`), so only the colours the prompt leaves open vary."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown toy layout {layout!r} (layouts: {', '.join(LAYOUTS)})")
     for _ in range(1000):
-        cells = _cells(rng)
+        cells = _cells(rng) if layout == "random" else canonical_cells(spec)
         scene: list[Obj] = []
         for p in spec.phrases:
             for _ in range(p.count):
@@ -439,9 +459,9 @@ def scene_for(spec: Spec, rng: random.Random, distractors: int = 0) -> list[Obj]
     raise RuntimeError(f"no scene found for {spec.text()!r}")
 
 
-def near_miss(spec: Spec, rng: random.Random) -> list[Obj]:
+def near_miss(spec: Spec, rng: random.Random, layout: str = "random") -> list[Obj]:
     """A scene close to the prompt that fails at least one check: a wrong colour, count, shape or
-    relation -- the errors a text-to-image model makes."""
+    relation -- the errors a text-to-image model makes (placed by ``layout``, as :func:`scene_for`)."""
     for _ in range(1000):
         phrases = list(spec.phrases)
         i = rng.randrange(len(phrases))
@@ -463,7 +483,7 @@ def near_miss(spec: Spec, rng: random.Random) -> list[Obj]:
         wrong = Spec(spec.category, tuple(phrases), relation)
         if len(wrong.phrases) == 2 and not _distinct(*wrong.phrases):
             continue
-        scene = scene_for(wrong, rng, distractors=rng.random() < 0.3)
+        scene = scene_for(wrong, rng, distractors=rng.random() < 0.3, layout=layout)
         if score(spec, render(scene)).overall == 0.0:
             return scene
     raise RuntimeError(f"no near miss found for {spec.text()!r}")

@@ -289,7 +289,7 @@ def diffusion_loss(backend: DreamBackend, prompts: list[str], latents: torch.Ten
     noise = torch.randn(latents.shape, generator=generator)
     # uniform noise levels: with canonical layouts they learnt to follow prompts faster than levels drawn
     # towards the high end (density ~ t): 0.44 against 0.28 of images meeting their prompt after 1000
-    # generation-only steps, as the last steps of sampling need a sharp low-noise prediction
+    # generation-only steps without near misses, as the last steps of sampling need a sharp low-noise prediction
     steps = backend.scheduler.config.num_train_timesteps
     t = torch.randint(0, steps, (len(prompts),), generator=generator)
     noisy = backend.scheduler.add_noise(latents, noise, t)

@@ -115,7 +115,9 @@ def test_cancel_stops_the_driver_and_its_local_jobs(tiny_checkpoints, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "silmm", "cancel", str(tmp_path / "c")], cwd=root,
                           capture_output=True, text=True)
     assert proc.returncode == 0 and f"local job {job_pid}" in proc.stdout and "driver pid" in proc.stdout
-    _, err = driver.communicate(timeout=60)
+    # communicate waits for the pipes to close too: once (full suite, 2 loaded cores) the driver had logged its
+    # stop and the pipes were still open after 60 s; the job is given 30 s more below to be gone
+    _, err = driver.communicate(timeout=180)
     assert driver.returncode == 1 and "driver stopped: the run was cancelled (silmm cancel on" in err
     assert "the next `silmm run` resumes it" in err
     deadline = time.time() + 30

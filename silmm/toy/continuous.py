@@ -171,6 +171,7 @@ class Corpus:
     def generate(self, size: int, seed: int, step: int) -> tuple[list[str], torch.Tensor]:
         """(prompts, clean latents [B, C, GRID, GRID]); an emptied prompt's scene is a random one."""
         rng, p, c = self.rng("generate", seed, step), self.toy.pretrain, self.toy.continuous
+        layout = getattr(c.layout, "value", c.layout)
         prompts, latents = [], []
         for _ in range(size):
             spec = self._prompt(rng)
@@ -179,7 +180,6 @@ class Corpus:
                 scene = world.random_scene(rng)
             else:
                 prompts.append(spec.text())
-                layout = getattr(c.layout, "value", c.layout)
                 scene = (world.near_miss(spec, rng, layout) if rng.random() < c.caption_noise else
                          world.scene_for(spec, rng, distractors=int(rng.random() < p.distractor_p), layout=layout))
             latents.append(scene_latent(scene))

@@ -9,11 +9,14 @@ into one line with the fix; and the torch thread count of every task (its alloca
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import re
+import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +71,7 @@ def make_executor(run: RunDir, iteration: int, stage: str) -> submitit.Executor:
     if kind is ExecutorKind.debug:
         return submitit.DebugExecutor(folder)
     if kind is ExecutorKind.local:
-        ex = submitit.LocalExecutor(folder)
+        ex = LocalExecutor(folder)
         ex.update_parameters(timeout_min=res.time_min, tasks_per_node=res.tasks_per_node, nodes=1,
                              signal_delay_s=cfg.executor.signal_delay_s)
         return ex
@@ -212,6 +215,30 @@ def explain_sbatch_error(stderr: str, params: dict[str, Any], stage: str, limits
     fix = next((f.format(**fields) for pattern, f in _SBATCH_FIXES if pattern in said.lower()),
                "check the stage's resources (executor.default / executor.stages." + stage + ") against `sinfo`")
     return f"sbatch refused job {params.get('job_name', '?')}: {said} -> {fix}"
+
+
+class LocalExecutor(submitit.LocalExecutor):
+    """submitit's LocalExecutor whose job controllers stop on SIGINT (submitit's LocalJob.cancel, `silmm cancel`)
+    even when the driver was started with SIGINT ignored, as `nohup silmm run ... &` in a script leaves it: an
+    ignored signal stays ignored in every child, so a cancelled local job ran on, orphaned."""
+
+    def _submit_command(self, command: str):
+        with default_sigint():
+            return super()._submit_command(command)
+
+
+@contextlib.contextmanager
+def default_sigint() -> Iterator[None]:
+    """SIGINT at its default while the block starts processes (an exec resets handlers, not SIG_IGN)."""
+    ignored = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class SlurmExecutor(submitit.SlurmExecutor):

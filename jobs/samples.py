@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from silmm.config import DecoderNoise, FeaturesDtype, ImageStorage
+from silmm.config import FeaturesDtype, ImageStorage
 from silmm.images import to_png
 from silmm.models import load_backend
 from silmm.rundir import RunDir
@@ -52,8 +52,7 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     for group in progress(groups, len(groups), f"samples shard {shard} ({n}/prompt)", cfg.logging.progress):
         jobs = [(k, j) for k in group for j in range(n)]  # (prompt row, sample index)
         sample_seeds = [derive_seed(cfg.run.seed, iteration, ids[k], j, "sample") for k, j in jobs]
-        decode_seeds = [decode_seed(cfg.run.seed, iteration, ids[k], j, s.decoder_noise is DecoderNoise.per_prompt)
-                        for k, j in jobs]
+        decode_seeds = [decode_seed(cfg.run.seed, iteration, ids[k], j, s.decoder_noise.value) for k, j in jobs]
         values, images, ref_logprobs = [], [], []
         for b in range(0, len(jobs), s.batch_size):
             batch_prompts = [texts[k] for k, _ in jobs[b: b + s.batch_size]]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from silmm import feedback as F
-from silmm.config import DecoderNoise, FeedbackMethod, ImageStorage
+from silmm.config import FeedbackMethod, ImageStorage
 from silmm.images import from_png, to_png
 from silmm.models import load_backend, load_judge, separate_judge
 from silmm.rundir import RunDir
@@ -63,7 +63,7 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
             rows, qs = rows_of[pid], q_of[pid]
             seeds = [int(x) for x in samples["seed"][rows]]
             images = _images(decoder, source, rows, cfg.run.seed, stored_images,
-                             cfg.sampling.decoder_noise is DecoderNoise.per_prompt) if needs_model else []
+                             cfg.sampling.decoder_noise.value) if needs_model else []
             if method is FeedbackMethod.random:
                 p_yes = p_no = [np.zeros(len(qs), np.float32)] * len(rows)
                 scores = [F.random_score(sd) for sd in seeds]
@@ -126,13 +126,13 @@ def _questions_by_prompt(shard) -> dict[int, list[str]]:
 
 
 def _images(backend, source: SampleRows, rows: list[int], run_seed: int, stored: bool,
-            per_prompt: bool) -> list[np.ndarray]:
+            noise: str) -> list[np.ndarray]:
     """Stored PNGs, or a fresh decode of the stored tokens/features with the samples stage's decode seeds."""
     if stored:
         return source.pngs(rows)
     samples = source.samples
     seeds = [decode_seed(run_seed, samples.meta.iteration, int(samples["prompt_id"][r]),
-                         int(samples["sample_index"][r]), per_prompt) for r in rows]
+                         int(samples["sample_index"][r]), noise) for r in rows]
     return list(backend.decode(source.values(rows), seeds))
 
 

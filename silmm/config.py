@@ -75,6 +75,10 @@ class DecoderNoise(str, Enum):
     # one noise per prompt: a prompt's images differ only by their features, so a preference pair compares
     # features, which KC-DPO trains (common random numbers)
     per_prompt = "per_prompt"
+    # one noise for the whole run (training samples of every iteration and evaluation alike): the decoder is a
+    # deterministic function of the features, so every difference between images is a difference in H, and
+    # what KC-DPO teaches is measured on the same decoder (the continuous toy's errors then live in H)
+    fixed = "fixed"
 
 
 class ToyQuestionStyle(str, Enum):

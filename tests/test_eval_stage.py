@@ -154,6 +154,32 @@ def test_iterations_share_seeds_and_the_same_model_draws_the_same_images(tiny_ch
     assert int(shards[1]["seed"][1]) == E.derive_seed(run.config.run.seed, 0, key, 1, "eval")
 
 
+def test_fixed_decoder_noise_decodes_every_eval_image_from_the_runs_one_noise(tiny_checkpoints, tmp_path):
+    """sampling.decoder_noise=fixed: evaluation decodes with the noise training decoded with, so what KC-DPO
+    taught is measured on the same deterministic decoder; the sampling seeds stay per image."""
+    import torch
+
+    from silmm.models import load_backend
+    from silmm.seeding import fixed_decode_seed
+
+    bench = tmp_path / "t2i"
+    write_t2i(bench)
+    run = tiny_run(tmp_path, tiny_checkpoints("dream"), "dream", *FAST, f"eval.benchmarks.t2i_compbench.path={bench}",
+                   "eval.benchmarks.t2i_compbench.images_per_prompt=2", "eval.benchmarks.t2i_compbench.max_prompts=2",
+                   "sampling.decoder_noise=fixed")
+    run_eval_driver(run, [0], ["t2i_compbench"])
+    plan = E.plan(run, 0, "t2i_compbench")
+    shard = read_shard(plan.shard_path(0), "eval", run.config_hash, 0)
+    assert set(shard["decode_seed"]) == {fixed_decode_seed(run.config.run.seed)}
+    assert len(set(shard["seed"])) == len(shard["seed"]) == 4
+    model = load_backend(run, 1)  # iteration 1 starts from the model iteration 0 evaluates
+    texts = [sp.prompt.text for sp in E.read_prompts(shard)]
+    want = model.decode(model.generate(texts, [0, 0]), [fixed_decode_seed(run.config.run.seed)] * 2)
+    got = [from_png(shard["image_png"][r]) for r in (0, 2)]  # image 0 of each prompt
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    assert torch.equal(torch.from_numpy(got[0]), torch.from_numpy(from_png(shard["image_png"][1])))
+
+
 # ---------------------------------------------------------------------------------- resume, hash
 def test_killed_task_resumes_to_an_identical_shard(tiny_checkpoints, tmp_path):
     ckpt = tiny_checkpoints("janus")

@@ -17,7 +17,7 @@ from silmm import store as S
 from silmm.images import from_png
 from silmm.inspection import stage_status, verify_run
 from silmm.models import load_backend
-from silmm.seeding import derive_seed
+from silmm.seeding import derive_seed, fixed_decode_seed
 from silmm.tasks import StageTask, run_task
 from tests.helpers import mark_model_done, tiny_run
 from tests.test_store import content as shard_content
@@ -275,27 +275,46 @@ def test_prompt_files_and_best_worst_images_through_the_stages(tiny_checkpoints,
             assert np.array_equal(from_png(scores["image_png"][r]), again[r - start])
 
 
-@pytest.mark.parametrize("store", ["all", "best_worst"])
-def test_decoder_noise_per_prompt_decodes_every_sample_of_a_prompt_from_one_noise(tiny_checkpoints, tmp_path, store):
-    """sampling.decoder_noise=per_prompt: every sample of a prompt is decoded from sample 0's decode seed,
-    by the samples stage (store_images=all) and by scoring, which decodes the stored features again when the
-    samples keep no images (best_worst): the images equal that decode, not the per-sample one."""
-    run = tiny_run(tmp_path, tiny_checkpoints("dream"), "dream", "sampling.decoder_noise=per_prompt",
+@pytest.mark.parametrize("noise,store", [("per_prompt", "all"), ("per_prompt", "best_worst"), ("fixed", "all"),
+                                         ("fixed", "best_worst")])
+def test_decoder_noise_decodes_a_prompts_samples_from_one_noise(tiny_checkpoints, tmp_path, noise, store):
+    """sampling.decoder_noise=per_prompt: every sample of a prompt is decoded from sample 0's decode seed;
+    fixed: every sample of every prompt from the run's one seed. So decode the samples stage (store_images=all)
+    and scoring, which decodes the stored features again when the samples keep no images (best_worst): the
+    images equal that decode, not the per-sample one."""
+    run = tiny_run(tmp_path, tiny_checkpoints("dream"), "dream", f"sampling.decoder_noise={noise}",
                    f"sampling.store_images={store}")
     for stage in STAGES:
         run_task(StageTask(str(run.path), 1, stage, 0))
     samples, scores = read(run, "samples", 0), read(run, "scores", 0)
     model = load_backend(run, 1)
     n = run.config.sampling.samples_per_prompt
-    pid = int(samples["prompt_id"][0])
-    features = torch.from_numpy(samples["features"][:n].astype(np.float32))
-    shared = model.decode(features, [derive_seed(0, 1, pid, 0, "decode")] * n)
-    own = model.decode(features, [derive_seed(0, 1, pid, j, "decode") for j in range(n)])
     pngs = samples["image_png"] if store == "all" else scores["image_png"]
-    kept = [r for r in range(n) if len(pngs[r])]
-    assert len(kept) == (n if store == "all" else 2)
-    assert all(np.array_equal(from_png(pngs[r]), shared[r]) for r in kept)
-    assert any(not np.array_equal(shared[r], own[r]) for r in kept)
+    pids = sorted({int(p) for p in samples["prompt_id"]})
+    assert len(pids) >= 2
+    for first in (0, len(samples["prompt_id"]) - n):  # the first and the last prompt of the shard
+        pid = int(samples["prompt_id"][first])
+        features = torch.from_numpy(samples["features"][first: first + n].astype(np.float32))
+        seed = fixed_decode_seed(0) if noise == "fixed" else derive_seed(0, 1, pid, 0, "decode")
+        shared = model.decode(features, [seed] * n)
+        own = model.decode(features, [derive_seed(0, 1, pid, j, "decode") for j in range(n)])
+        kept = [r for r in range(n) if len(pngs[first + r])]
+        assert len(kept) == (n if store == "all" else 2)
+        assert all(np.array_equal(from_png(pngs[first + r]), shared[r]) for r in kept)
+        assert any(not np.array_equal(shared[r], own[r]) for r in kept)
+    assert fixed_decode_seed(0) != fixed_decode_seed(1)  # the run seed still decides the one noise
+
+
+def test_decode_seed_modes():
+    from silmm.seeding import decode_seed
+
+    per_sample = {decode_seed(0, 1, pid, j) for pid in (3, 4) for j in range(3)}
+    assert len(per_sample) == 6
+    assert {decode_seed(0, 1, 3, j, "per_prompt") for j in range(3)} == {derive_seed(0, 1, 3, 0, "decode")}
+    assert {decode_seed(0, it, pid, j, "fixed") for it in (1, 2) for pid in (3, 4) for j in range(3)} == \
+        {fixed_decode_seed(0)}
+    with pytest.raises(ValueError, match="sampling.decoder_noise: unknown value 'per_image'"):
+        decode_seed(0, 1, 3, 0, "per_image")
 
 
 @pytest.mark.parametrize("judge", ["policy", "base", "path"])

@@ -10,6 +10,8 @@ Seeds. Image j of the prompt with benchmark id I is drawn with ``derive_seed(run
 I), j, "eval")`` and decoded with purpose "eval-decode": they depend on neither the iteration nor the shard
 layout, so every iteration is judged on the same noise. A benchmark may define ``image_seeds(run_seed, prompt, j)
 -> (sample seed, decode seed)`` instead; the toy benchmark does, to draw exactly what the toy evaluation drew.
+With ``sampling.decoder_noise: fixed`` every image decodes from the run's one noise (seeding.fixed_decode_seed),
+the noise its training samples were decoded with.
 
 The eval hash covers everything an eval shard's content depends on beyond the run's config hash: the
 benchmark's prompts as read (ids, texts, categories, questions, metadata), the eval settings that change
@@ -43,7 +45,7 @@ from silmm.config import BenchmarkConfig, OverlongPolicy
 from silmm.eval.benchmarks import get_benchmark
 from silmm.eval.records import Benchmark, BenchmarkError, BenchmarkPrompt, BenchmarkQuestion, ImageAnswers
 from silmm.eval.results import eval_dir, results_path
-from silmm.seeding import derive_seed
+from silmm.seeding import derive_seed, fixed_decode_seed
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +198,11 @@ class EvalPlan:
         return g * max(1, math.ceil(self.run.config.sharding.flush_every / g))
 
     def seeds(self, prompt: BenchmarkPrompt, j: int) -> tuple[int, int]:
-        return image_seeds(self.bench, self.run.config.run.seed, prompt, j)
+        run_seed = self.run.config.run.seed
+        seed, decode = image_seeds(self.bench, run_seed, prompt, j)
+        if getattr(self.run.config.sampling.decoder_noise, "value", None) == "fixed":  # training's one noise
+            decode = fixed_decode_seed(run_seed)
+        return seed, decode
 
     # paths
     @property

@@ -4,7 +4,8 @@ Reads   iter_K/samples/shard_NNNNN.h5 (images, or tokens/features to decode when
         stored) and iter_K/questions/shard_NNNNN.h5; the iteration's starting model
 Writes  iter_K/scores/shard_NNNNN.h5: per sample p(yes), p(no) for each of its prompt's questions and
         the score -- `feedback.method=vqa`: mean of p(yes) - p(no) (paper Eq. 1); `ratio_yes` and
-        `random` are the paper's ablation controls.
+        `random` are the paper's ablation controls; `scorer`: another judge's score (feedback.scorer, a
+        registered scorer such as the toy's exact oracle), a control that is not self-improvement.
 
 Each image is encoded once and its prefix reused for all of its questions (the backend's yes_no).
 The samples shard streams: its ids and seeds are held, each prompt's PNGs (or tokens / features to
@@ -23,6 +24,8 @@ import torch
 
 from silmm import feedback as F
 from silmm.config import FeedbackMethod, ImageStorage
+from silmm.eval.records import BenchmarkPrompt
+from silmm.eval.scorers import ScorerContext, get_scorer
 from silmm.images import from_png, to_png
 from silmm.models import load_backend, load_judge, separate_judge
 from silmm.rundir import RunDir
@@ -53,6 +56,11 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     keep_best_worst = cfg.sampling.store_images is ImageStorage.best_worst
     needs_model = method is not FeedbackMethod.random or keep_best_worst  # (random needs no images)
     backend = load_judge(run, iteration) if todo and needs_model else None
+    scorer, text_of = None, {}
+    if method is FeedbackMethod.scorer and todo:  # the images the iteration's start model drew, scored by another
+        scorer = get_scorer(cfg.feedback.scorer, ScorerContext(run, iteration - 1, backend))
+        prompts = read_input(run, iteration, "prompts", shard, columns=("prompt_id", "text"))
+        text_of = {int(i): str(t) for i, t in zip(prompts["prompt_id"], prompts["text"], strict=True)}
     stored_images = samples.meta.extra.get("images") == ImageStorage.all.value
     # a base judge cannot decode what this iteration's model sampled, unless the images are stored
     decoder = backend
@@ -67,6 +75,11 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
             if method is FeedbackMethod.random:
                 p_yes = p_no = [np.zeros(len(qs), np.float32)] * len(rows)
                 scores = [F.random_score(sd) for sd in seeds]
+            elif scorer is not None:  # its own questions; the model's are kept, unanswered
+                p_yes = p_no = [np.zeros(len(qs), np.float32)] * len(rows)
+                prompt = BenchmarkPrompt(benchmark=str(getattr(cfg.prompts.source, "value", cfg.prompts.source)),
+                                         id=str(pid), text=text_of[pid], category="")
+                scores = [a.score for a in scorer.score([prompt], [np.stack(images)])[0]]
             else:
                 per_call = max(1, cfg.feedback.batch_size // len(qs))  # images per forward: ~batch_size pairs
                 answers = [a for i in range(0, len(rows), per_call)

@@ -114,6 +114,10 @@ class FeedbackMethod(str, Enum):
     vqa = "vqa"  # mean over questions of p(yes) - p(no)  (paper Eq. 1)
     ratio_yes = "ratio_yes"  # fraction of questions answered "yes"
     random = "random"  # random score (ablation control)
+    # a registered scorer (feedback.scorer: an external judge, or the toy's exact oracle) scores each sample
+    # instead of the model itself. Not self-improvement, a deviation from the paper: the control that tells
+    # what the learner can learn apart from how well the model judges
+    scorer = "scorer"
 
 
 class Judge(str, Enum):
@@ -269,6 +273,9 @@ class FeedbackConfig:
     # (Emu3 releases generation and understanding as two models: Emu3-Gen judged by Emu3-Chat). Not pure
     # self-improvement: a deviation from the paper, part of the run's hash (the path, not the weights).
     judge_path: str | None = None
+    # method=scorer: the scorer's name (silmm.eval.scorers, as eval.benchmarks.*.scorer); one that only scores
+    # some benchmarks gives feedback on prompts whose prompts.source is one of them (the toy's oracle: toy)
+    scorer: str | None = None
 
 
 @dataclass
@@ -531,7 +538,7 @@ REMOVED_KEYS = {"logging.level": "nothing read it; the log level is the command'
 # Literal values, not the dataclasses' defaults: changing a default later must not change the hash of a run
 # whose frozen config holds the old one (it could no longer be re-opened).
 HASH_DEFAULTS: dict[str, Any] = {
-    "toy.question_style": "named", "sampling.decoder_noise": "per_sample",
+    "toy.question_style": "named", "sampling.decoder_noise": "per_sample", "feedback.scorer": None,
     **{f"toy.continuous.{k}": v for k, v in {
         "num_queries": 8, "cross_attention_dim": 64, "unet_channels": 32, "vision_hidden": 64, "vision_layers": 0,
         "vae_steps": 600, "vae_lr": 0.002, "generate_weight": 5.0, "uncond_p": 0.1, "answer_pixel_noise": 4.0,
@@ -825,6 +832,7 @@ def validate(cfg: SilmmConfig, source: str, check_paths: bool = True,
              "every iteration; set one of the two")
     if fb.judge_path is not None and check_paths and not Path(fb.judge_path).is_dir():
         fail("feedback.judge_path", f"checkpoint directory {fb.judge_path} does not exist")
+    _validate_feedback_scorer(cfg, fail)
 
     pr = cfg.pairs
     for key, k in (("pairs.top_k", pr.top_k), ("pairs.bottom_k", pr.bottom_k)):
@@ -1094,6 +1102,26 @@ def _validate_resources(res: StageResources, key, own: dict, signal_delay_s: int
         if not isinstance(value, (str, int, float)) or not _SLURM_VALUE.fullmatch(str(value)):
             fail(pkey, f"reaches sbatch: letters, digits and '_.:,@/+=%[]-' only (no whitespace, quotes or shell "
                  f"characters), got {value!r}")
+
+
+def _validate_feedback_scorer(cfg: SilmmConfig, fail) -> None:
+    fb = cfg.feedback
+    if fb.method is not FeedbackMethod.scorer:
+        if fb.scorer is not None:
+            fail("feedback.scorer", f"'{fb.scorer}' would be ignored: it is read only with feedback.method=scorer "
+                 f"(the method is {fb.method.value})")
+        return
+    from silmm.eval.scorers import SCORERS, scorer_class
+
+    if not fb.scorer:
+        fail("feedback.scorer", f"is required with feedback.method=scorer; known: {', '.join(sorted(SCORERS))}")
+    if fb.scorer not in SCORERS:
+        fail("feedback.scorer", f"unknown scorer '{fb.scorer}'; known: {', '.join(sorted(SCORERS))}")
+    only = scorer_class(fb.scorer).benchmarks
+    source = getattr(cfg.prompts.source, "value", cfg.prompts.source)
+    if only is not None and source not in only:
+        fail("feedback.scorer", f"scorer '{fb.scorer}' only scores {', '.join(only)} prompts, and prompts.source "
+             f"is '{source}'")
 
 
 def _validate_eval(cfg: SilmmConfig, fail, positive, check_paths: bool) -> None:

@@ -179,6 +179,11 @@ RANGE_CASES = [
     case("questions.icl_examples", "/does/not/exist.yaml", "is not a file"),
     case("feedback.batch_size", "0", POS),
     case("feedback.judge_path", "/does/not/exist", "does not exist"),
+    case("feedback.scorer", ["feedback.method=scorer"], "is required with feedback.method=scorer"),
+    case("feedback.scorer", ["feedback.method=scorer", "feedback.scorer=nope"], "unknown scorer 'nope'"),
+    case("feedback.scorer", ["feedback.method=scorer", "feedback.scorer=oracle", "prompts.source=generate"],
+         "only scores toy prompts, and prompts.source is 'generate'"),
+    case("feedback.scorer", "oracle", "would be ignored: it is read only with feedback.method=scorer"),
     # pairs
     case("pairs.top_k", "0", POS), case("pairs.top_k", "11", "more than sampling.samples_per_prompt (10)"),
     case("pairs.bottom_k", "0", POS), case("pairs.bottom_k", "11", "more than sampling.samples_per_prompt"),

@@ -305,6 +305,40 @@ def test_decoder_noise_decodes_a_prompts_samples_from_one_noise(tiny_checkpoints
     assert fixed_decode_seed(0) != fixed_decode_seed(1)  # the run seed still decides the one noise
 
 
+class MeanPixelScorer:
+    """A stand-in external judge for feedback.method=scorer: an image's mean pixel, a score every image has
+    its own of (the toy's oracle would give a random tiny model's images all 0)."""
+
+    name, benchmarks, version = "mean_pixel", None, "1"
+    seen: list = []
+
+    def __init__(self, ctx):
+        MeanPixelScorer.seen.append(ctx.iteration)
+
+    def score(self, prompts, images):
+        from silmm.eval.records import ImageAnswers
+
+        return [[ImageAnswers(score=float(im.mean()) / 255, questions=[], p_yes=[], p_no=[], answers=[], correct=[])
+                 for im in imgs] for imgs in images]
+
+
+def test_scorer_feedback_scores_each_sample_with_the_named_scorer(tiny_checkpoints, tmp_path, monkeypatch):
+    from silmm.eval import scorers
+
+    monkeypatch.setitem(scorers.SCORERS, "mean_pixel", "tests.test_stages:MeanPixelScorer")
+    MeanPixelScorer.seen.clear()
+    run = tiny_run(tmp_path, tiny_checkpoints("dream"), "dream", "feedback.method=scorer",
+                   "feedback.scorer=mean_pixel", "sampling.store_images=all")
+    for stage in STAGES:
+        run_task(StageTask(str(run.path), 1, stage, 0))
+    samples, scores = read(run, "samples", 0), read(run, "scores", 0)
+    want = [float(from_png(png).mean()) / 255 for png in samples["image_png"]]
+    assert list(scores["prompt_id"]) == list(samples["prompt_id"])
+    assert np.array_equal(scores["score"], np.asarray(want, np.float32)) and len(set(want)) > 1
+    assert not scores["p_yes"].any() and not scores["p_no"].any()  # the model answered nothing
+    assert scores.meta.extra["method"] == "scorer" and MeanPixelScorer.seen == [0]  # judged iteration 1's draws
+
+
 def test_decode_seed_modes():
     from silmm.seeding import decode_seed
 

@@ -29,6 +29,7 @@ VARIANTS = {
     "silmm": [],
     "base_judge": ["feedback.judge=base"],  # SILMM with iteration 0's judge (see feedback.judge)
     "random": ["feedback.method=random"],
+    "oracle": ["feedback.method=scorer", "feedback.scorer=oracle"],  # the exact oracle judges: the learner alone
     "ratio_yes": ["feedback.method=ratio_yes"],
     "sft": ["train.loss=sft"],
     # the continuous toy (--config configs/toy_continuous.yaml): the paper's ablations in miniature

@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from silmm.config import DecoderNoise
 from silmm.fsutil import atomic_write_text
 from silmm.models import load_backend, load_judge, separate_judge
 from silmm.questions import load_examples
 from silmm.rundir import RunDir
+from silmm.seeding import fixed_decode_seed
 from silmm.toy import evaluate as E
 from silmm.toy import report, world
 
@@ -39,7 +41,9 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
 
     results, images = E.evaluate_prompts(backend, prompts, toy.eval_samples, cfg.run.seed, cfg.sampling.batch_size,
                                          load_examples(cfg.questions.icl_examples), cfg.questions.max_questions,
-                                         cfg.questions.max_new_tokens, judge=judge, style=toy.question_style.value)
+                                         cfg.questions.max_new_tokens, judge=judge, style=toy.question_style.value,
+                                         decode_seed=fixed_decode_seed(cfg.run.seed)
+                                         if cfg.sampling.decoder_noise is DecoderNoise.fixed else None)
     summary = {"iteration": iteration, **E.summarize(results), "prompts": len(prompts), "samples": toy.eval_samples,
                "results": [asdict(r) for r in results]}
 

@@ -157,7 +157,6 @@ def test_iterations_share_seeds_and_the_same_model_draws_the_same_images(tiny_ch
 def test_fixed_decoder_noise_decodes_every_eval_image_from_the_runs_one_noise(tiny_checkpoints, tmp_path):
     """sampling.decoder_noise=fixed: evaluation decodes with the noise training decoded with, so what KC-DPO
     taught is measured on the same deterministic decoder; the sampling seeds stay per image."""
-    import torch
 
     from silmm.models import load_backend
     from silmm.seeding import fixed_decode_seed
@@ -173,11 +172,31 @@ def test_fixed_decoder_noise_decodes_every_eval_image_from_the_runs_one_noise(ti
     assert set(shard["decode_seed"]) == {fixed_decode_seed(run.config.run.seed)}
     assert len(set(shard["seed"])) == len(shard["seed"]) == 4
     model = load_backend(run, 1)  # iteration 1 starts from the model iteration 0 evaluates
-    texts = [sp.prompt.text for sp in E.read_prompts(shard)]
-    want = model.decode(model.generate(texts, [0, 0]), [fixed_decode_seed(run.config.run.seed)] * 2)
-    got = [from_png(shard["image_png"][r]) for r in (0, 2)]  # image 0 of each prompt
-    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
-    assert torch.equal(torch.from_numpy(got[0]), torch.from_numpy(from_png(shard["image_png"][1])))
+    texts = [sp.prompt.text for sp in E.read_prompts(shard) for _ in range(2)]  # one batch of 4 images
+    want = model.decode(model.generate(texts, [0] * 4), [fixed_decode_seed(run.config.run.seed)] * 4)
+    got = np.stack([from_png(png) for png in shard["image_png"]])
+    assert np.array_equal(got, want)
+    assert np.array_equal(got[0], got[1]) and not np.array_equal(got[0], got[2])  # one H and noise, one image
+
+
+def test_toy_evaluation_decodes_from_the_fixed_noise_too(tiny_checkpoints, tmp_path):
+    """The toy evaluation (jobs/evaluate.py) draws what the toy benchmark draws: with decoder_noise=fixed, every
+    image from the run's one noise."""
+    import jobs.evaluate
+    from silmm.models import load_backend
+    from silmm.seeding import fixed_decode_seed
+
+    run = tiny_run(tmp_path, tiny_checkpoints("dream"), "dream", "sampling.decoder_noise=fixed", "toy.eval_prompts=3",
+                   "toy.eval_samples=2", "toy.grid_prompts=3")
+    jobs.evaluate.run(run, 0, 0)
+    model = load_backend(run, 1)
+    with np.load(run.path / "eval" / "iter_00_images.npz", allow_pickle=False) as data:
+        prompts, images = [str(p) for p in data["prompts"]], data["images"]
+    flat = [p for p in prompts for _ in range(2)]  # decoded in the evaluation's batches (sampling.batch_size 4)
+    want = np.concatenate([model.decode(model.generate(flat[b:b + 4], [0] * len(flat[b:b + 4])),
+                                        [fixed_decode_seed(0)] * len(flat[b:b + 4])) for b in (0, 4)])
+    assert np.array_equal(images.reshape(want.shape), want)
+    assert all(np.array_equal(images[i, 0], images[i, 1]) for i in range(3))  # one H, one noise: one image
 
 
 # ---------------------------------------------------------------------------------- resume, hash

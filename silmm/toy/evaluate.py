@@ -43,11 +43,12 @@ def check_fraction(prompt: str, image: np.ndarray) -> float:
 
 def evaluate_prompts(backend, prompts: Sequence[str], samples: int, run_seed: int, batch_size: int,
                      examples: Sequence[tuple[str, Sequence[str]]], max_questions: int = 8,
-                     max_new_tokens: int = 64, judge=None,
-                     style: str = "named") -> tuple[list[PromptResult], dict[str, np.ndarray]]:
+                     max_new_tokens: int = 64, judge=None, style: str = "named",
+                     decode_seed: int | None = None) -> tuple[list[PromptResult], dict[str, np.ndarray]]:
     """Results per prompt, and the images of every prompt ({prompt: uint8 [samples, H, W, 3]}).
     ``backend`` draws the images; ``judge`` (default: the same model) writes questions and answers them;
-    ``style``: the question style whose decomposition counts as exact."""
+    ``style``: the question style whose decomposition counts as exact; ``decode_seed``: every image is
+    decoded from this one seed (sampling.decoder_noise=fixed) instead of its own."""
     judge = backend if judge is None else judge
     flat = [(i, j) for i in range(len(prompts)) for j in range(samples)]
     images = np.zeros((len(prompts), samples, world.SIZE, world.SIZE, 3), np.uint8)
@@ -55,7 +56,8 @@ def evaluate_prompts(backend, prompts: Sequence[str], samples: int, run_seed: in
         chunk = flat[start:start + batch_size]
         seeds = [derive_seed(run_seed, 0, i, j, "toy-eval") for i, j in chunk]
         tokens = backend.generate([prompts[i] for i, _ in chunk], seeds)
-        for (i, j), image in zip(chunk, backend.decode(tokens, seeds), strict=True):
+        decode_seeds = seeds if decode_seed is None else [decode_seed] * len(seeds)
+        for (i, j), image in zip(chunk, backend.decode(tokens, decode_seeds), strict=True):
             images[i, j] = image
     written: list[str] = []
     for start in range(0, len(prompts), batch_size):  # greedy: the seeds are not used

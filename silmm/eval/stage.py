@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from silmm.config import BenchmarkConfig, OverlongPolicy
+from silmm.config import BenchmarkConfig, DecoderNoise, OverlongPolicy
 from silmm.eval.benchmarks import get_benchmark
 from silmm.eval.records import Benchmark, BenchmarkError, BenchmarkPrompt, BenchmarkQuestion, ImageAnswers
 from silmm.eval.results import eval_dir, results_path
@@ -200,7 +200,7 @@ class EvalPlan:
     def seeds(self, prompt: BenchmarkPrompt, j: int) -> tuple[int, int]:
         run_seed = self.run.config.run.seed
         seed, decode = image_seeds(self.bench, run_seed, prompt, j)
-        if getattr(self.run.config.sampling.decoder_noise, "value", None) == "fixed":  # training's one noise
+        if self.run.config.sampling.decoder_noise is DecoderNoise.fixed:  # training's one noise
             decode = fixed_decode_seed(run_seed)
         return seed, decode
 

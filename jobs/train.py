@@ -5,7 +5,8 @@ Reads   iter_K/pairs.h5 (this run's hash and iteration, at least one pair; other
         H_w, H_l, H_r rows pairs.h5 indexes in iter_K/samples/shard_*.h5 (each shard checked at start
         against the checksums pairs.h5 recorded: one gone or regenerated since is refused; read as float32).
 Writes  iter_K/train/metrics.jsonl   one line every train.log_every steps, means since the previous line:
-                                     loss, rewards/*, logps/* (discrete) or distance/* (continuous), lr,
+                                     loss, rewards/*, logps/* (discrete) or distance/* (continuous: a
+                                     warning when train.gamma x distance/chosen_rejected < 0.1), lr,
                                      grad_norm, pairs_per_second; entropy/image_tokens, kl/reference and
                                      logps/*_drift (discrete) or distance/policy_ref (continuous); every
                                      train.eval_every steps eval/loss and eval/rewards/* on held-out prompts
@@ -124,6 +125,7 @@ def run(run: RunDir, iteration: int, shard: int = 0, reference: str = "auto") ->
     engine.train()  # what gradient checkpointing needs; dropout stays off unless train.policy_dropout
     record = task_recorder("steps", t.max_steps, start, enabled=dist.is_main)  # the driver's bar, `silmm status`
     sums, t_start, t_window, steps_window = T.MetricSums(), time.time(), time.time(), 0
+    gamma_checked = False  # once per job, on the first logging step's means
     try:
         with T.StopRequest().installed() as stop:
             for step in range(start, t.max_steps):
@@ -151,6 +153,9 @@ def run(run: RunDir, iteration: int, shard: int = 0, reference: str = "auto") ->
                 if log_now:
                     values = sums.reduce(device)  # means since the last logging step
                     last_loss = values["loss"]
+                    if not gamma_checked and dist.is_main and (warning := T.kcdpo_gamma_warning(t, values)):
+                        log.warning("%s", warning)
+                    gamma_checked = True
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
                 if log_now or save_now:
                     grad_norm = T.grad_norm(engine, done, checkpoints)  # before a checkpoint: never save NaNs

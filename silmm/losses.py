@@ -103,6 +103,7 @@ class KCDPOOutput:
     ref_chosen_distance: torch.Tensor  # k(H_r, H_w)
     policy_rejected_distance: torch.Tensor  # k(H, H_l)
     ref_rejected_distance: torch.Tensor  # k(H_r, H_l)
+    pair_distance: torch.Tensor  # [B], detached: k(H_w, H_l), what gamma must scale up to matter
 
     @property
     def loss(self) -> torch.Tensor:
@@ -116,6 +117,7 @@ class KCDPOOutput:
             "distance/ref_chosen": _mean(self.ref_chosen_distance),
             "distance/policy_rejected": _mean(self.policy_rejected_distance),
             "distance/ref_rejected": _mean(self.ref_rejected_distance),
+            "distance/chosen_rejected": _mean(self.pair_distance),
         }
 
     def metrics(self) -> dict[str, float]:
@@ -381,8 +383,10 @@ def kcdpo_loss(
     chosen = k_rw - k_pw  # > 0 when the policy moved towards H_w relative to the reference
     rejected = k_rl - k_pl
     losses = -F.logsigmoid(gamma * (chosen - rejected))
+    with torch.no_grad():
+        k_wl = kernel_distance(chosen_H, rejected_H, aggregation, distance)
     return KCDPOOutput(losses, gamma * chosen.detach(), gamma * rejected.detach(),
-                       k_pw.detach(), k_rw.detach(), k_pl.detach(), k_rl.detach())
+                       k_pw.detach(), k_rw.detach(), k_pl.detach(), k_rl.detach(), k_wl)
 
 
 # -------------------------------------------------------------------------------------------- SFT

@@ -66,7 +66,7 @@ class Panel:
 
 
 # Line styles tell the series of a panel apart; colours tell the iterations apart (the same in every panel).
-_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
+_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 4)))
 
 # In display order; a panel is drawn when any iteration logged any of its keys.
 PANELS: tuple[Panel, ...] = (
@@ -82,7 +82,7 @@ PANELS: tuple[Panel, ...] = (
     Panel("kernel distances", "kernel distance",
           (Series("distance/policy_chosen", "policy-chosen"), Series("distance/ref_chosen", "ref-chosen"),
            Series("distance/policy_rejected", "policy-rejected"), Series("distance/ref_rejected", "ref-rejected"),
-           Series("distance/policy_ref", "policy-ref"))),
+           Series("distance/policy_ref", "policy-ref"), Series("distance/chosen_rejected", "chosen-rejected"))),
     Panel("learning rate", "lr", (Series("lr", "lr"),)),
 )
 
@@ -90,7 +90,7 @@ PANELS: tuple[Panel, ...] = (
 TABLE_KEYS: tuple[str, ...] = (
     "loss", "rewards/accuracies", "rewards/margins", "kl/reference", "entropy/image_tokens",
     "logps/chosen_drift", "logps/rejected_drift", "distance/policy_chosen", "distance/policy_rejected",
-    "distance/policy_ref", "lr",
+    "distance/policy_ref", "distance/chosen_rejected", "lr",  # policy-ref far above chosen-rejected: H left the samples
 )
 EVAL_LOSS, EVAL_ACCURACY = "eval/loss", "eval/rewards/accuracies"
 

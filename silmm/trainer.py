@@ -486,6 +486,30 @@ def pair_loss(t: TrainConfig, loss: Loss, batch: PairBatch, out: PolicyOut, ref:
     return ipo_loss(*logps, beta=t.beta)
 
 
+# Below this gamma x k(H_w, H_l), KC-DPO's loss stays near log 2 (-log sigmoid(0.1) = 0.64) unless H moves
+# ten or more chosen-rejected distances away; Adam then walks H about lr per step in the pairs' direction.
+# In the continuous toy (README, "Errors in H") the paper's gamma 3 gave 0.008, and alignment fell even with
+# the exact oracle's pairs; gamma 1000 gave 2.6 and the loss saturated near the samples.
+KCDPO_MIN_REACH = 0.1
+
+
+def kcdpo_gamma_warning(t: TrainConfig, values: dict[str, float]) -> str | None:
+    """A warning when train.gamma is too small for the features' scale (``values``: a logging step's means,
+    holding ``distance/chosen_rejected``), else None. ``gamma x k(H_w, H_l)`` is about the loss's argument
+    once H has moved from the reference as far as the chosen sample lies from the rejected one."""
+    pair = values.get("distance/chosen_rejected")
+    if pair is None or not math.isfinite(pair):
+        return None
+    reach = t.gamma * pair
+    if reach >= KCDPO_MIN_REACH:
+        return None
+    suggested = f"about {t.gamma / reach:.3g}" if reach > 0 else "none helps: chosen and rejected features are equal"
+    return (f"KC-DPO: train.gamma={t.gamma:g} x k(H_w, H_l)={pair:.3g} (kernel {t.kernel_aggregation.value} + "
+            f"{t.kernel_distance.value}) is {reach:.3g} < {KCDPO_MIN_REACH}: the loss stays near log 2 unless H "
+            f"moves {1 / max(reach, 1e-12):.3g} chosen-rejected distances, so the optimizer walks H far from the "
+            f"samples. A gamma that makes it 1: {suggested}")
+
+
 def loss_description(t: TrainConfig, loss: Loss) -> str:
     """The loss as the logs and DONE say it (the IPO normalisation included: it changes what beta means)."""
     if loss is Loss.ipo:

@@ -31,7 +31,7 @@ DPO_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/ac
             "logps/chosen", "logps/rejected"}
 KCDPO_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
               "distance/policy_chosen", "distance/ref_chosen", "distance/policy_rejected",
-              "distance/ref_rejected"}
+              "distance/ref_rejected", "distance/chosen_rejected"}
 
 
 # ------------------------------------------------------------------ independent scalar references
@@ -470,6 +470,8 @@ def test_kcdpo_metrics_are_means():
     m = out.metrics()
     k_pw = [np_kernel(H[i].numpy(), Hw[i].numpy(), "avgpool", "cosine") for i in range(6)]
     assert m["distance/policy_chosen"] == pytest.approx(sum(k_pw) / 6, rel=1e-9)
+    k_wl = [np_kernel(Hw[i].numpy(), Hl[i].numpy(), "avgpool", "cosine") for i in range(6)]
+    assert m["distance/chosen_rejected"] == pytest.approx(sum(k_wl) / 6, rel=1e-9)
     margins = (out.chosen_rewards - out.rejected_rewards).numpy()
     assert m["rewards/margins"] == pytest.approx(float(margins.mean()), rel=1e-9)
     assert m["rewards/accuracies"] == pytest.approx(float((margins > 0).mean()))

@@ -24,7 +24,8 @@ DISCRETE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"
                  "entropy/image_tokens", "lr", "grad_norm", "pairs_per_second")
 CONTINUOUS_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                    "distance/policy_chosen", "distance/ref_chosen", "distance/policy_rejected",
-                   "distance/ref_rejected", "distance/policy_ref", "lr", "grad_norm", "pairs_per_second")
+                   "distance/ref_rejected", "distance/policy_ref", "distance/chosen_rejected", "lr", "grad_norm",
+                   "pairs_per_second")
 EVAL_KEYS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
 DISCRETE_PANELS = ["loss", "reward accuracy", "reward margin", "KL to reference", "entropy", "log-prob drift",
                    "learning rate"]
@@ -144,8 +145,9 @@ def test_continuous_run_panels_and_no_heldout(run):
     md = rep.table.read_text()
     table = parse_table(md)
     assert "eval/loss" not in table[1] and "kl/reference" not in table[1]
-    assert float(table[2]["distance/policy_ref"]) == pytest.approx(
-        expected_last(make_rows(2, [5, 10], CONTINUOUS_KEYS, set()), "distance/policy_ref"), rel=1e-5)
+    for key in ("distance/policy_ref", "distance/chosen_rejected"):  # how far H went, against the pairs' spread
+        assert float(table[2][key]) == pytest.approx(expected_last(make_rows(2, [5, 10], CONTINUOUS_KEYS, set()), key),
+                                                     rel=1e-5)
     assert "No held-out metrics" in md
 
 

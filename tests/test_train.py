@@ -9,6 +9,7 @@ plumbing, equalities and exactness, not learning.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -28,6 +29,7 @@ from silmm import distributed as D
 from silmm import trainer as T
 from silmm.backends.janus import JanusBackend
 from silmm.config import Loss, ModelConfig, SamplingConfig, TrainConfig
+from silmm.losses import kernel_distance
 from silmm.models import load_backend
 from silmm.store import ShardMeta, StoreOptions, read_shard, write_shard
 from silmm.tasks import StageTask, run_task
@@ -45,7 +47,7 @@ DPO_KEYS = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margi
             "entropy/image_tokens", "kl/reference", "logps/chosen_drift", "logps/rejected_drift"}
 KCDPO_KEYS = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
               "distance/policy_chosen", "distance/ref_chosen", "distance/policy_rejected", "distance/ref_rejected",
-              "distance/policy_ref", "lr", "grad_norm", "pairs_per_second"}
+              "distance/chosen_rejected", "distance/policy_ref", "lr", "grad_norm", "pairs_per_second"}
 
 
 # ------------------------------------------------------------------------------------ synthetic pairs
@@ -142,6 +144,23 @@ def test_warmup_cosine_schedule():
     f = T.WarmupCosine(warmup=4, total=12)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == 1.0 and f(8) == pytest.approx(0.5) and 0 < f(11) < 0.05
+
+
+@pytest.mark.parametrize(("gamma", "pair", "warns"), [(3.0, 0.0026, True), (1000.0, 0.0026, False),
+                                                     (3.0, 0.05, False), (3.0, 0.0, True), (3.0, None, False)])
+def test_kcdpo_gamma_warning_when_gamma_x_chosen_rejected_distance_is_small(gamma, pair, warns):
+    """The figures of the continuous toy: the paper's gamma 3 x a cosine chord of 0.0026 cannot leave log 2."""
+    t = TrainConfig(loss=Loss.kcdpo, gamma=gamma)
+    values = {"loss": 0.69} if pair is None else {"loss": 0.69, "distance/chosen_rejected": pair}
+    warning = T.kcdpo_gamma_warning(t, values)
+    assert (warning is not None) == warns
+    if warns and pair:
+        reach = gamma * pair
+        assert f"is {reach:.3g} < {T.KCDPO_MIN_REACH}" in warning
+        assert f"about {gamma / reach:.3g}" in warning  # the gamma that makes gamma x k(H_w, H_l) = 1
+        assert "avgpool + cosine" in warning
+    if warns and pair == 0.0:
+        assert "chosen and rejected features are equal" in warning
 
 
 def test_launcher_env_world_size_from_torchrun_slurm_and_default():
@@ -277,13 +296,21 @@ def test_zero3_gathers_before_export_and_matches_zero2(janus_run, tiny_checkpoin
 
 
 # ----------------------------------------------------------------------------------- dream KC-DPO
-def test_dream_kcdpo_run_and_export_changes_lora_targets_and_queries(tiny_checkpoints, dream_pairs, tmp_path):
+def test_dream_kcdpo_run_and_export_changes_lora_targets_and_queries(tiny_checkpoints, dream_pairs, tmp_path, caplog):
     ckpt = tiny_checkpoints("dream")
     run = make_run(tmp_path, ckpt, "dream", dream_pairs, "train.batch_size=4", "train.grad_accum=2")
-    stats = J.run(run, 1)
+    with caplog.at_level(logging.WARNING, logger="jobs.train"):
+        stats = J.run(run, 1)
     assert stats["reference"] == "stored"
     rows = metrics(run)
     assert [m["step"] for m in rows] == [1, 2, 3, 4] and all(set(m) == KCDPO_KEYS for m in rows)
+    # the chosen-rejected kernel distance lies among the pairs' own (a batch mean), and the first logging
+    # step's value decides the gamma warning, logged once
+    feats = torch.from_numpy(dream_pairs[SAMPLES]["features"])
+    k_wl = kernel_distance(feats[dream_pairs["chosen_row"]], feats[dream_pairs["rejected_row"]])
+    assert all(k_wl.min() - 1e-6 <= m["distance/chosen_rejected"] <= k_wl.max() + 1e-6 for m in rows)
+    warned = [r.getMessage() for r in caplog.records if "KC-DPO: train.gamma" in r.getMessage()]
+    assert len(warned) == (run.config.train.gamma * rows[0]["distance/chosen_rejected"] < T.KCDPO_MIN_REACH)
     assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)
     out = run.model_dir(1)
     assert (out / "DONE").is_file()

@@ -54,24 +54,27 @@ def run(run: RunDir, iteration: int, shard: int) -> dict[str, Any]:
     todo = [pid for pid in rows_of if pid not in writer.done]
     method = cfg.feedback.method
     keep_best_worst = cfg.sampling.store_images is ImageStorage.best_worst
-    needs_model = method is not FeedbackMethod.random or keep_best_worst  # (random needs no images)
-    backend = load_judge(run, iteration) if todo and needs_model else None
+    needs_images = method is not FeedbackMethod.random or keep_best_worst  # (random needs no images)
+    stored_images = samples.meta.extra.get("images") == ImageStorage.all.value
+    # the model answers for vqa / ratio_yes; another scorer needs a model only to decode unstored samples
+    # (a scorer that wants the model's answers, like `self`, loads its judge itself)
+    judges = method in (FeedbackMethod.vqa, FeedbackMethod.ratio_yes)
+    backend = load_judge(run, iteration) if todo and judges else None
+    decoder = None
+    if todo and needs_images and not stored_images:
+        # a base judge cannot decode what this iteration's model sampled
+        decoder = backend if backend is not None and not separate_judge(cfg) else load_backend(run, iteration)
     scorer, text_of = None, {}
     if method is FeedbackMethod.scorer and todo:  # the images the iteration's start model drew, scored by another
-        scorer = get_scorer(cfg.feedback.scorer, ScorerContext(run, iteration - 1, backend))
+        scorer = get_scorer(cfg.feedback.scorer, ScorerContext(run, iteration - 1, decoder))
         prompts = read_input(run, iteration, "prompts", shard, columns=("prompt_id", "text"))
         text_of = {int(i): str(t) for i, t in zip(prompts["prompt_id"], prompts["text"], strict=True)}
-    stored_images = samples.meta.extra.get("images") == ImageStorage.all.value
-    # a base judge cannot decode what this iteration's model sampled, unless the images are stored
-    decoder = backend
-    if backend is not None and separate_judge(cfg) and not stored_images:
-        decoder = load_backend(run, iteration)
     with SampleRows(samples, run.config.store.file_locking) as source:
         for pid in progress(todo, len(todo), f"scores shard {shard}", cfg.logging.progress):
             rows, qs = rows_of[pid], q_of[pid]
             seeds = [int(x) for x in samples["seed"][rows]]
             images = _images(decoder, source, rows, cfg.run.seed, stored_images,
-                             cfg.sampling.decoder_noise.value) if needs_model else []
+                             cfg.sampling.decoder_noise.value) if needs_images else []
             if method is FeedbackMethod.random:
                 p_yes = p_no = [np.zeros(len(qs), np.float32)] * len(rows)
                 scores = [F.random_score(sd) for sd in seeds]

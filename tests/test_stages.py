@@ -17,7 +17,7 @@ from silmm import store as S
 from silmm.images import from_png
 from silmm.inspection import stage_status, verify_run
 from silmm.models import load_backend
-from silmm.seeding import derive_seed, fixed_decode_seed
+from silmm.seeding import decode_seed, derive_seed, fixed_decode_seed
 from silmm.tasks import StageTask, run_task
 from tests.helpers import mark_model_done, tiny_run
 from tests.test_store import content as shard_content
@@ -322,17 +322,38 @@ class MeanPixelScorer:
                  for im in imgs] for imgs in images]
 
 
-def test_scorer_feedback_scores_each_sample_with_the_named_scorer(tiny_checkpoints, tmp_path, monkeypatch):
+@pytest.mark.parametrize("images", ["all", "none"])
+def test_scorer_feedback_scores_each_sample_with_the_named_scorer(tiny_checkpoints, tmp_path, monkeypatch, images):
+    import jobs.scores as scores_job
     from silmm.eval import scorers
 
     monkeypatch.setitem(scorers.SCORERS, "mean_pixel", "tests.test_stages:MeanPixelScorer")
     MeanPixelScorer.seen.clear()
     run = tiny_run(tmp_path, tiny_checkpoints("dream"), "dream", "feedback.method=scorer",
-                   "feedback.scorer=mean_pixel", "sampling.store_images=all")
-    for stage in STAGES:
+                   "feedback.scorer=mean_pixel", f"sampling.store_images={images}")
+    for stage in STAGES[:3]:
         run_task(StageTask(str(run.path), 1, stage, 0))
+    loads = []  # the models the scores stage loads: none when the images are stored, the decoder otherwise
+    for name in ("load_judge", "load_backend"):
+        real = getattr(scores_job, name)
+        monkeypatch.setattr(scores_job, name, lambda *a, _real=real, _name=name: loads.append(_name) or _real(*a))
+    run_task(StageTask(str(run.path), 1, "scores", 0))
     samples, scores = read(run, "samples", 0), read(run, "scores", 0)
-    want = [float(from_png(png).mean()) / 255 for png in samples["image_png"]]
+    assert loads == ([] if images == "all" else ["load_backend"])
+    if images == "all":
+        want = [float(from_png(png).mean()) / 255 for png in samples["image_png"]]
+    else:  # the stage's own decode of the stored features, with the samples stage's seeds
+        backend = load_backend(run, 1)
+        feats = torch.from_numpy(samples["features"].astype(np.float32))
+        seeds = [decode_seed(run.config.run.seed, 1, int(p), int(j))
+                 for p, j in zip(samples["prompt_id"], samples["sample_index"], strict=True)]
+        rows_of = {}
+        for row, pid in enumerate(samples["prompt_id"]):
+            rows_of.setdefault(int(pid), []).append(row)
+        want = [0.0] * len(seeds)
+        for rows in rows_of.values():  # one prompt per decode, as the stage decodes
+            for r, im in zip(rows, backend.decode(feats[rows], [seeds[r] for r in rows]), strict=True):
+                want[r] = float(im.mean()) / 255
     assert list(scores["prompt_id"]) == list(samples["prompt_id"])
     assert np.array_equal(scores["score"], np.asarray(want, np.float32)) and len(set(want)) > 1
     assert not scores["p_yes"].any() and not scores["p_no"].any()  # the model answered nothing

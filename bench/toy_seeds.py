@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -105,7 +106,40 @@ def table(root: str, variants: list[str], seeds: list[int], pretrain_seeds: list
                 f = Path(root) / run_name(variant, s, ps) / "bench_wall_s.json"
                 if f.exists():
                     walls.append(f"{run_name(variant, s, ps)}: {json.loads(f.read_text())['seconds'] / 60:.1f} min")
-    return "\n".join(lines) + ("\n\nWall time per run (2 CPU cores): " + "; ".join(walls) if walls else "")
+    return "\n".join(lines) + ("\n\nWall time per run: " + "; ".join(walls) if walls else "")
+
+
+def sign_test_p(gained: int, lost: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven if gains and losses were equally
+    likely (prompts that did not change are left out)."""
+    n, k = gained + lost, min(gained, lost)
+    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def flips_table(root: str, variants: list[str], seeds: list[int], pretrain_seeds: list[int | None] = (None,)) -> str:
+    """Held-out prompts whose oracle alignment (mean over its images) rose or fell between iteration 0 and
+    each run's last, pooled over runs: a paired view that a difference of a few prompts in the mean hides."""
+    lines = ["| variant | runs | last iteration | held-out prompts gained | lost | net | sign test p |",
+             "|---|---|---|---|---|---|---|"]
+    for variant in variants:
+        gained = lost = runs = 0
+        last_its = set()
+        for ps in pretrain_seeds:
+            for s in seeds:
+                evals = load(root, variant, s, ps)
+                if 0 not in evals or len(evals) < 2:
+                    continue
+                last = max(evals)
+                before = [np.mean(r["oracle"]) for r in evals[0]["results"]]
+                after = [np.mean(r["oracle"]) for r in evals[last]["results"]]
+                gained += int(sum(b > a for a, b in zip(before, after, strict=True)))
+                lost += int(sum(b < a for a, b in zip(before, after, strict=True)))
+                runs, last_its = runs + 1, last_its | {last}
+        if runs:
+            its = "/".join(str(i) for i in sorted(last_its))
+            lines.append(f"| {variant} | {runs} | {its} | {gained} | {lost} | {gained - lost:+d} | "
+                         f"{sign_test_p(gained, lost):.2g} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -127,6 +161,7 @@ def main() -> None:
                 for variant in args.variants:
                     run_one(args.config, args.root, variant, seed, args.overrides, ps)
     print(table(args.root, args.variants, args.seeds, pretrain_seeds))
+    print("\n" + flips_table(args.root, args.variants, args.seeds, pretrain_seeds))
     if args.pretrain_seeds:
         print("\n" + pretrained_table(args.config, args.overrides, args.pretrain_seeds))
 

@@ -1,5 +1,6 @@
 """Toy-world figures for the README: oracle alignment per iteration, mean and spread over seeds, for SILMM
-and the paper's controls, plus self/oracle agreement and wall time. Runs `silmm run configs/toy.yaml` once
+and the paper's controls, plus self/oracle agreement, wall time, and the held-out prompts each variant gained
+and lost since iteration 0 (pooled over runs, with an exact sign test). Runs `silmm run configs/toy.yaml` once
 per (variant, seed); the pretrained toy LMM is shared (cached at model.path), so the seed varies everything
 SILMM draws: prompts, samples, training order and LoRA initialisation.
 

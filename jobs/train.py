@@ -6,7 +6,7 @@ Reads   iter_K/pairs.h5 (this run's hash and iteration, at least one pair; other
         against the checksums pairs.h5 recorded: one gone or regenerated since is refused; read as float32).
 Writes  iter_K/train/metrics.jsonl   one line every train.log_every steps, means since the previous line:
                                      loss, rewards/*, logps/* (discrete) or distance/* (continuous: a
-                                     warning when train.gamma x distance/chosen_rejected < 0.1), lr,
+                                     warning when train.gamma x distance/chosen_rejected < 1), lr,
                                      grad_norm, pairs_per_second; entropy/image_tokens, kl/reference and
                                      logps/*_drift (discrete) or distance/policy_ref (continuous); every
                                      train.eval_every steps eval/loss and eval/rewards/* on held-out prompts

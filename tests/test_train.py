@@ -146,17 +146,18 @@ def test_warmup_cosine_schedule():
     assert f(4) == 1.0 and f(8) == pytest.approx(0.5) and 0 < f(11) < 0.05
 
 
-@pytest.mark.parametrize(("gamma", "pair", "warns"), [(3.0, 0.0026, True), (1000.0, 0.0026, False),
-                                                     (3.0, 0.05, False), (3.0, 0.0, True), (3.0, None, False)])
+@pytest.mark.parametrize(("gamma", "pair", "warns"), [(3.0, 0.09, True), (1000.0, 0.09, False), (3.0, 0.5, False),
+                                                     (3.0, 0.0, True), (3.0, None, False)])
 def test_kcdpo_gamma_warning_when_gamma_x_chosen_rejected_distance_is_small(gamma, pair, warns):
-    """The figures of the continuous toy: the paper's gamma 3 x a cosine chord of 0.0026 cannot leave log 2."""
+    """The continuous toy's figures: the paper's gamma 3 x its chosen-rejected distance 0.09 dragged H away,
+    gamma 1000 did not."""
     t = TrainConfig(loss=Loss.kcdpo, gamma=gamma)
     values = {"loss": 0.69} if pair is None else {"loss": 0.69, "distance/chosen_rejected": pair}
     warning = T.kcdpo_gamma_warning(t, values)
     assert (warning is not None) == warns
     if warns and pair:
         reach = gamma * pair
-        assert f"is {reach:.3g} < {T.KCDPO_MIN_REACH}" in warning
+        assert f"is {reach:.3g} < {T.KCDPO_MIN_REACH:g}" in warning
         assert f"about {gamma / reach:.3g}" in warning  # the gamma that makes gamma x k(H_w, H_l) = 1
         assert "avgpool + cosine" in warning
     if warns and pair == 0.0:

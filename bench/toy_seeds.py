@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -113,8 +112,9 @@ def table(root: str, variants: list[str], seeds: list[int], pretrain_seeds: list
 def sign_test_p(gained: int, lost: int) -> float:
     """Two-sided exact sign test: the chance of a split at least this uneven if gains and losses were equally
     likely (prompts that did not change are left out)."""
-    n, k = gained + lost, min(gained, lost)
-    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+    from scipy.stats import binomtest
+
+    return 1.0 if gained + lost == 0 else float(binomtest(gained, gained + lost, 0.5).pvalue)
 
 
 def flips_table(root: str, variants: list[str], seeds: list[int], pretrain_seeds: list[int | None] = (None,)) -> str:

@@ -1,4 +1,4 @@
-"""The toy benchmark's paired view (bench/toy_seeds.py): held-out prompts gained and lost, and its sign test."""
+"""The toy benchmark's paired view (bench/toy_seeds.py): held-out prompts gained and lost, with a sign test."""
 
 from __future__ import annotations
 
@@ -6,19 +6,10 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
-from scipy.stats import binomtest
-
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("toy_seeds", ROOT / "bench" / "toy_seeds.py")
 toy_seeds = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(toy_seeds)
-
-
-@pytest.mark.parametrize(("gained", "lost"), [(49, 19), (6, 5), (0, 7), (30, 0), (0, 0), (1, 1)])
-def test_sign_test_is_the_exact_binomial_test(gained, lost):
-    want = 1.0 if gained + lost == 0 else binomtest(gained, gained + lost, 0.5).pvalue
-    assert toy_seeds.sign_test_p(gained, lost) == pytest.approx(want, rel=1e-9)
 
 
 def _write_eval(run: Path, iteration: int, per_prompt: list[list[float]]) -> None:
@@ -40,6 +31,6 @@ def test_flips_pool_prompts_gained_and_lost_between_iteration_0_and_each_runs_la
     _write_eval(tmp_path / toy_seeds.run_name("oracle", 2, None), 0, [[0], [0], [0]])
     table = toy_seeds.flips_table(str(tmp_path), ["oracle", "random"], [0, 1, 2])
     rows = [line for line in table.splitlines() if line.startswith("| oracle")]
-    p = toy_seeds.sign_test_p(3, 1)
-    assert rows == [f"| oracle | 2 | 1/2 | 3 | 1 | +2 | {p:.2g} |"]
+    # 3 gained, 1 lost: P(a split of 4 at least as uneven) = 2 x (C(4,0) + C(4,1)) / 2^4 = 0.625
+    assert rows == ["| oracle | 2 | 1/2 | 3 | 1 | +2 | 0.62 |"]
     assert "| random" not in table  # no runs: no row

@@ -146,11 +146,12 @@ def test_warmup_cosine_schedule():
     assert f(4) == 1.0 and f(8) == pytest.approx(0.5) and 0 < f(11) < 0.05
 
 
-@pytest.mark.parametrize(("gamma", "pair", "warns"), [(3.0, 0.09, True), (1000.0, 0.09, False), (3.0, 0.5, False),
+@pytest.mark.parametrize(("gamma", "pair", "warns"), [(3.0, 0.09, True), (10.0, 0.094, True), (20.0, 0.09, True),
+                                                     (30.0, 0.089, False), (1000.0, 0.09, False), (3.0, 1.0, False),
                                                      (3.0, 0.0, True), (3.0, None, False)])
 def test_kcdpo_gamma_warning_when_gamma_x_chosen_rejected_distance_is_small(gamma, pair, warns):
-    """The continuous toy's figures: the paper's gamma 3 x its chosen-rejected distance 0.09 dragged H away,
-    gamma 1000 did not."""
+    """The continuous toy's gamma sweep (chosen-rejected distance 0.09): gamma 3, 10 and 20 dragged H away and
+    lost alignment, gamma 30 and 1000 did not."""
     t = TrainConfig(loss=Loss.kcdpo, gamma=gamma)
     values = {"loss": 0.69} if pair is None else {"loss": 0.69, "distance/chosen_rejected": pair}
     warning = T.kcdpo_gamma_warning(t, values)
@@ -158,7 +159,7 @@ def test_kcdpo_gamma_warning_when_gamma_x_chosen_rejected_distance_is_small(gamm
     if warns and pair:
         reach = gamma * pair
         assert f"is {reach:.3g} < {T.KCDPO_MIN_REACH:g}" in warning
-        assert f"about {gamma / reach:.3g}" in warning  # the gamma that makes gamma x k(H_w, H_l) = 1
+        assert f"about {T.KCDPO_MIN_REACH / pair:.3g}" in warning  # the gamma that lifts gamma x k(H_w, H_l) to the line
         assert "avgpool + cosine" in warning
     if warns and pair == 0.0:
         assert "chosen and rejected features are equal" in warning
